@@ -1,0 +1,128 @@
+"""Build torch modules from resolved specs: meta first, then materialise and init once.
+
+Construction follows one convention for every registered class:
+`Cls(config, **params, **built_children)`. The whole tree is constructed on the
+meta device (no memory, no init cost), moved to the target device with
+`to_empty`, and each module initialises only its own parameters exactly once,
+TorchTitan-style.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megaspec.config import TransformerConfig
+from megaspec.errors import Problem, SpecError
+from megaspec.resolve import Resolved, make_config, resolve
+from megaspec.spec import ModuleSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModuleFactory:
+    """What a slot with `provides` receives: call it with the sizes the parent knows."""
+
+    def __init__(self, resolved: Resolved) -> None:
+        self.resolved = resolved
+
+    @property
+    def cls(self) -> type[nn.Module]:
+        """The class this factory builds."""
+        return self.resolved.entry.cls
+
+    def __call__(self, **provided: Any) -> nn.Module:
+        """Construct the module with the parent-supplied arguments."""
+        return _construct(self.resolved, provided)
+
+    def __repr__(self) -> str:
+        return f"ModuleFactory({self.resolved.entry.name})"
+
+
+def _child(r: Resolved) -> nn.Module | ModuleFactory:
+    return ModuleFactory(r) if r.provides else _construct(r)
+
+
+def _construct(r: Resolved, provided: Mapping[str, Any] | None = None) -> nn.Module:
+    kwargs: dict[str, Any] = {}
+    for slot, child in r.children.items():
+        if child is None:
+            continue
+        kwargs[slot] = [_child(c) for c in child] if isinstance(child, list) else _child(child)
+    try:
+        module = r.entry.cls(r.config, **r.params, **kwargs, **(provided or {}))
+    except SpecError:
+        raise
+    except Exception as exc:  # a constructor's own check: report it at the node, once
+        file, line = r.spec.smap.locate(("module",))
+        raise SpecError(Problem(
+            f"building '{r.entry.name}' ({r.entry.cls.__qualname__}) failed: {type(exc).__name__}: {exc}",
+            r.path or "<root>", file, line)) from exc
+    # Remember where each module came from, for summaries and error messages.
+    module._megaspec_name = r.entry.name  # type: ignore[attr-defined]
+    return module
+
+
+def init_weights(model: nn.Module) -> None:
+    """Initialise every module's own parameters once (init_weights, else reset_parameters)."""
+    for module in model.modules():
+        init = getattr(module, "init_weights", None) or getattr(module, "reset_parameters", None)
+        if callable(init):
+            init()
+
+
+def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """Allocate a meta-built model's storage on `device` and initialise it."""
+    model.to_empty(device=device)
+    with torch.no_grad():
+        init_weights(model)
+    return model
+
+
+def build_module(
+    spec: ModuleSpec,
+    config: TransformerConfig | Mapping[str, Any],
+    *,
+    device: str | torch.device | None = None,
+    allow_imports: tuple[str, ...] | list[str] = (),
+) -> nn.Module:
+    """Validate `spec` against `config` and build it; `device="meta"` allocates nothing."""
+    config = make_config(config)
+    root = resolve(spec, config, allow_imports)
+    with torch.device("meta"):
+        model = _construct(root)
+    model.to(DTYPES[root.config.params_dtype])
+    if str(device) == "meta":
+        return model
+    return materialize(model, device or "cpu")
+
+
+def build_model(cfg_or_path: Any, device: str | torch.device | None = None) -> nn.Module:
+    """Build a model from a composed config, a spec file or a model name; `device="meta"` allocates nothing."""
+    from megaspec.compose import model_inputs
+
+    spec, config, allow = model_inputs(cfg_or_path)
+    return build_module(spec, config, device=device, allow_imports=allow)
+
+
+def meta_forward(model: nn.Module, batch: int = 1, seq: int = 8) -> Any:
+    """Run a forward pass on meta tensors: a memory-free shape check of the whole graph."""
+    make = getattr(model, "example_inputs", None)
+    if make is None:
+        raise SpecError(f"{type(model).__name__} has no example_inputs(); cannot shape-check it")
+    inputs = make(batch=batch, seq=seq, device="meta")
+    with torch.no_grad():
+        return model(**inputs)
+
+
+def spec_path_display(path: str | Path) -> str:
+    """How a file is named in messages: relative to the working directory when inside it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
