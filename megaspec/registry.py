@@ -50,7 +50,9 @@ class Slot:
     field giving its length (a single node is then repeated that many times);
     provides: constructor arguments the parent supplies (sizes it alone knows,
     as Megatron's build_module extra args). A slot that provides arguments
-    receives a ModuleFactory, which the parent calls with them.
+    receives a ModuleFactory, which the parent calls with them. default: the
+    registered name used when a spec leaves the slot out (an explicit `null`
+    still empties an optional slot), so `mlp: mlp` alone is a complete node.
     """
 
     kind: str | tuple[str, ...]
@@ -58,6 +60,7 @@ class Slot:
     many: bool = False
     count: str | None = None
     provides: tuple[str, ...] = ()
+    default: str | None = None
 
     @property
     def kinds(self) -> tuple[str, ...]:

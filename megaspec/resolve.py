@@ -115,6 +115,8 @@ class _Resolver:
         for name, decl in declared.items():
             value = r.spec.submodules.get(name)
             path = _join(r.path, name)
+            if name not in r.spec.submodules and decl.default is not None:
+                value = ModuleSpec(decl.default, smap=smap.child(("module",)))
             if value is None or value == ():
                 if decl.required:
                     self.problems.append(smap.problem(

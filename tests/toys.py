@@ -40,7 +40,7 @@ def register_toys() -> None:
 
     @register("mlp", "toy_mlp", override=True)
     class ToyMlp(nn.Module):
-        slots: ClassVar[dict[str, Slot]] = {"fc": Slot("linear", provides=("in_features", "out_features"))}
+        slots: ClassVar[dict[str, Slot]] = {"fc": Slot("linear", provides=("in_features", "out_features"), default="toy_linear")}
 
         def __init__(self, config: TransformerConfig, ffn_hidden_size: int | None = None, fc=None) -> None:
             super().__init__()

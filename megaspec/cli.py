@@ -1,0 +1,115 @@
+"""The `megaspec` command: build | validate | list | schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from megaspec.errors import SpecError
+
+USAGE = """usage: megaspec COMMAND [ARGS]
+
+commands:
+  build [OVERRIDES]   build a model from conf/ + specs/ and print its summary (Hydra overrides; --help)
+  validate FILE...    check spec files without allocating weights
+  list [KIND]         registered modules: name, kind, class, origin
+  schema [-o FILE]    JSON Schema of the spec file format, for editors
+"""
+
+
+def _build(argv: list[str]) -> int:
+    import hydra
+
+    from megaspec.compose import searchpath_override
+    from megaspec.paths import conf_dir
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
+    def run(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
+        from hydra.core.hydra_config import HydraConfig
+
+        from megaspec.build_report import build_and_report
+        from megaspec.compose import record_sources
+
+        record_sources(cfg, HydraConfig.get().runtime.choices)
+        try:
+            build_and_report(cfg)
+        except SpecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+
+    sys.argv = ["megaspec build", searchpath_override(), *argv]
+    run()
+    return 0
+
+
+def _list(argv: list[str]) -> int:
+    from megaspec.registry import KINDS, entries, load_plugins
+
+    parser = argparse.ArgumentParser(prog="megaspec list", description="List registered modules.")
+    parser.add_argument("kind", nargs="?", choices=KINDS, metavar="KIND", help=f"one of: {', '.join(KINDS)}")
+    parser.add_argument("--pattern", default="*", help="glob on names, e.g. '*norm*'")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    found = entries(args.kind, args.pattern)
+    if args.json:
+        from megaspec.registry import describe
+
+        print(json.dumps([describe(e) for e in found], indent=2))
+        return 0
+    rows = [("NAME", "KIND", "CLASS", "ORIGIN")] + [(e.name, e.kind, e.qualname, e.origin) for e in found]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    for name, error in load_plugins().items():
+        print(f"warning: plug-in {name} failed to load: {error}", file=sys.stderr)
+    return 0
+
+
+def _schema(argv: list[str]) -> int:
+    from megaspec.spec import json_schema
+
+    parser = argparse.ArgumentParser(prog="megaspec schema", description="Print the spec JSON Schema.")
+    parser.add_argument("-o", "--output", help="write to this file instead of stdout")
+    args = parser.parse_args(argv)
+    text = json.dumps(json_schema(), indent=2)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def _validate(argv: list[str]) -> int:
+    from megaspec.validate import main
+
+    return main(argv)
+
+
+COMMANDS = {"build": _build, "validate": _validate, "list": _list, "schema": _schema}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `megaspec` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command = COMMANDS.get(args[0])
+    if command is None:
+        from megaspec.errors import did_you_mean
+
+        print(f"megaspec: unknown command '{args[0]}'{did_you_mean(args[0], list(COMMANDS))}\n\n{USAGE}",
+              file=sys.stderr)
+        return 2
+    try:
+        return command(args[1:])
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""A decoder-only language model (GPT-2, Llama, ...), assembled entirely from slots."""
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megaspec.config import TransformerConfig
+from megaspec.models.output import ModelOutput
+from megaspec.registry import Slot, register
+
+IGNORE_INDEX = -100  # label value that contributes no loss (HF and PyTorch convention)
+
+
+def causal_padding_mask(attention_mask: Tensor) -> Tensor:
+    """[b, s] keep-mask (1 = token, 0 = pad) -> [b, 1, s, s] bool, True = may attend."""
+    s = attention_mask.size(-1)
+    keep = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s]: which keys exist
+    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()  # [s, s]
+    # Every query also sees itself, so a query row that is all padding (e.g. left
+    # padding's first positions) still has one key and its softmax is not NaN.
+    diagonal = torch.eye(s, dtype=torch.bool, device=attention_mask.device)
+    return (causal & keep) | diagonal  # [b, 1, s, s]
+
+
+@register("model", "gpt_model")
+class GPTModel(nn.Module):
+    """embedding -> position_embedding -> decoder -> output_layer, with an HF-style causal LM loss."""
+
+    slots: ClassVar[dict[str, Slot]] = {
+        "embedding": Slot("embedding"),
+        "position_embedding": Slot("position_embedding", required=False),
+        "decoder": Slot("block"),
+        "output_layer": Slot("head"),
+    }
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *,
+        embedding: nn.Module,
+        position_embedding: nn.Module | None = None,
+        decoder: nn.Module,
+        output_layer: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+        self.embedding_dropout = config.hidden_dropout
+        self.embedding = embedding
+        self.position_embedding = position_embedding
+        self.decoder = decoder
+        self.output_layer = output_layer
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> ModelOutput:
+        """input_ids [b, s]; attention_mask [b, s] (1 = token, 0 = pad); labels [b, s], shifted here."""
+        hidden_states = self.embedding(input_ids)  # [b, s, h]
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)  # [1, s]
+        rotary = None
+        if self.position_embedding is not None:
+            hidden_states, rotary = self.position_embedding(hidden_states, position_ids)
+        # After the position embedding, as in GPT-2 and Megatron: drop(token + position).
+        hidden_states = F.dropout(hidden_states, self.embedding_dropout, self.training)
+
+        # Built once for all layers. Without padding there is no mask at all, so
+        # attention takes its is_causal fast path.
+        mask = None if attention_mask is None else causal_padding_mask(attention_mask)
+        hidden_states = self.decoder(hidden_states, mask, rotary)  # [b, s, h]
+
+        weight = self.embedding.weight if self.share_embeddings_and_output_weights else None
+        logits = self.output_layer(hidden_states, weight)  # [b, s, vocab]
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden_states)
+
+    def example_inputs(self, batch: int = 1, seq: int = 8, device: torch.device | str | None = None) -> dict:
+        """Keyword arguments for a forward pass of the given size (shape checks, tracing)."""
+        if device is None:
+            device = next(self.parameters()).device
+        return {"input_ids": torch.zeros(batch, seq, dtype=torch.long, device=device)}
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts labels[t + 1] (so labels=input_ids works)."""
+    # Shift the labels, not the logits: slicing [b, s, vocab] logits would copy them.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [b, s]
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )

@@ -1,0 +1,102 @@
+"""Self-attention with a fused QKV projection in Megatron-Core's per-query-group layout."""
+
+from collections.abc import Callable
+from typing import ClassVar, Literal
+
+from torch import Tensor, nn
+
+from megaspec.config import TransformerConfig
+from megaspec.modules.embedding import Rotary, apply_rotary
+from megaspec.registry import Slot, register
+
+
+@register("attention", "self_attention")
+class SelfAttention(nn.Module):
+    """Multi-head, grouped-query or multi-query self-attention (from the head counts in the config).
+
+    The rows of `linear_qkv`'s weight are ordered group by group; each group holds
+    its nh/ng query heads, then its key head, then its value head:
+    [q_0 .. q_{nh/ng-1}, k_0, v_0 | q_{nh/ng} .., k_1, v_1 | ...]. A contiguous run of
+    groups is then a self-contained shard, so tensor parallelism can split by head.
+    """
+
+    slots: ClassVar[dict[str, Slot]] = {
+        "linear_qkv": Slot("linear", provides=("in_features", "out_features", "bias")),
+        "core_attention": Slot("core_attention"),
+        "linear_proj": Slot("linear", provides=("in_features", "out_features", "bias", "output_proj")),
+        "q_layernorm": Slot("norm", required=False, provides=("hidden_size",)),
+        "k_layernorm": Slot("norm", required=False, provides=("hidden_size",)),
+    }
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *,
+        attn_mask_type: Literal["causal", "padding", "no_mask"] = "causal",
+        linear_qkv: Callable[..., nn.Module],
+        core_attention: nn.Module,
+        linear_proj: Callable[..., nn.Module],
+        q_layernorm: Callable[..., nn.Module] | None = None,
+        k_layernorm: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_query_groups = config.query_groups
+        self.heads_per_group = self.num_heads // self.num_query_groups
+        self.head_dim = config.head_dim
+        self.rotary_interleaved = config.rotary_interleaved
+        self.attn_mask_type = attn_mask_type
+        # With no explicit mask, "causal" lets the kernel apply causality itself (its fast path).
+        self.causal = attn_mask_type == "causal"
+        self.ignore_mask = attn_mask_type == "no_mask"
+
+        qkv_size = (self.num_heads + 2 * self.num_query_groups) * self.head_dim
+        self.linear_qkv = linear_qkv(
+            in_features=config.hidden_size,
+            out_features=qkv_size,
+            bias=config.add_bias_linear or config.add_qkv_bias,
+        )
+        self.q_layernorm = q_layernorm(hidden_size=self.head_dim) if q_layernorm else nn.Identity()
+        self.k_layernorm = k_layernorm(hidden_size=self.head_dim) if k_layernorm else nn.Identity()
+        self.core_attention = core_attention
+        self.linear_proj = linear_proj(
+            in_features=self.num_heads * self.head_dim,
+            out_features=config.hidden_size,
+            bias=config.add_bias_linear,
+            output_proj=True,
+        )
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, rotary: Rotary | None = None
+    ) -> Tensor:
+        b, s, _ = hidden_states.shape
+        qkv = self.linear_qkv(hidden_states)  # [b, s, ng * (nh/ng + 2) * d]
+        qkv = qkv.view(b, s, self.num_query_groups, self.heads_per_group + 2, self.head_dim)
+        query, key, value = qkv.split([self.heads_per_group, 1, 1], dim=3)
+        query = query.reshape(b, s, self.num_heads, self.head_dim)  # [b, s, nh, d]
+        key = key.squeeze(3)  # [b, s, ng, d]
+        value = value.squeeze(3)  # [b, s, ng, d]
+
+        query = self.q_layernorm(query)
+        key = self.k_layernorm(key)
+        if rotary is not None:
+            query = apply_rotary(query, rotary, self.rotary_interleaved)
+            key = apply_rotary(key, rotary, self.rotary_interleaved)
+
+        if self.ignore_mask:
+            attention_mask = None
+        out = self.core_attention(
+            query.transpose(1, 2),  # [b, nh, s, d]
+            key.transpose(1, 2),  # [b, ng, s, d]
+            value.transpose(1, 2),  # [b, ng, s, d]
+            attention_mask,
+            self.causal and attention_mask is None,
+        )  # [b, nh, s, d]
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, s, nh * d]
+        return self.linear_proj(out)  # [b, s, h]
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, query_groups={self.num_query_groups}, "
+            f"head_dim={self.head_dim}, attn_mask_type={self.attn_mask_type}"
+        )

@@ -1,0 +1,120 @@
+"""Token and position embeddings.
+
+Position embeddings share one interface so a model never needs to know which
+kind it holds: `forward(hidden_states, position_ids) -> (hidden_states, rotary)`.
+Additive kinds (learned) return the new hidden states and `rotary=None`;
+rotary kinds return the hidden states unchanged and the `(cos, sin)` pair the
+attention layers apply to queries and keys.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megaspec.config import TransformerConfig
+from megaspec.modules.utils import init_normal_, params_dtype
+from megaspec.registry import register
+
+Rotary = tuple[Tensor, Tensor]
+
+
+@register("embedding", "vocab_embedding")
+class VocabEmbedding(nn.Module):
+    """Token ids -> vectors. `weight` is public: a tied output layer reads it."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.init_std = config.init_method_std
+        self.weight = nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=params_dtype(config))
+        )
+
+    def init_weights(self) -> None:
+        """Weight ~ N(0, init_method_std)."""
+        init_normal_(self.weight, self.init_std)
+
+    def forward(self, input_ids: Tensor) -> Tensor:  # [b, s] -> [b, s, h]
+        return F.embedding(input_ids, self.weight)
+
+
+@register("position_embedding", "learned_position_embedding")
+class LearnedPositionEmbedding(nn.Module):
+    """A learned table of absolute positions, added to the hidden states (GPT-2, BERT)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.init_std = config.init_method_std
+        self.weight = nn.Parameter(
+            torch.empty(config.max_position_embeddings, config.hidden_size, dtype=params_dtype(config))
+        )
+
+    def init_weights(self) -> None:
+        """Weight ~ N(0, init_method_std)."""
+        init_normal_(self.weight, self.init_std)
+
+    def forward(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, None]:
+        # [b, s, h] + [b or 1, s, h]
+        return hidden_states + F.embedding(position_ids, self.weight), None
+
+
+@register("position_embedding", "rotary_embedding")
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al., 2021): returns the (cos, sin) tables; attention rotates q and k."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.rotary_dim = config.rotary_dim
+        self.base = config.rotary_base
+        self.interleaved = config.rotary_interleaved
+        # Not persistent: it is a pure function of the config, so checkpoints need not
+        # carry it, and init_weights recomputes it after a meta-device build.
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> Tensor:
+        # base^(-2i/dim), computed in fp32 as HF Llama does, so the tables match bit for bit.
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device=device).float()
+        return 1.0 / (self.base ** (exponents / self.rotary_dim))  # [rot/2]
+
+    def init_weights(self) -> None:
+        """Recompute `inv_freq` (it holds garbage after `to_empty`)."""
+        with torch.no_grad():
+            self.inv_freq.copy_(self._inv_freq(self.inv_freq.device))
+
+    def forward(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Rotary]:
+        # Angles in fp32: position * frequency loses precision in half types at long range.
+        freqs = position_ids[..., None].float() * self.inv_freq  # [b, s, rot/2]
+        if self.interleaved:
+            angles = freqs.repeat_interleave(2, dim=-1)  # [b, s, rot]: f0 f0 f1 f1 ...
+        else:
+            angles = torch.cat((freqs, freqs), dim=-1)  # [b, s, rot]: f0 f1 ... f0 f1 ...
+        # [b, s, 1, rot]: the 1 broadcasts over heads in the attention's [b, s, n, d] layout.
+        cos = angles.cos().to(hidden_states.dtype).unsqueeze(2)
+        sin = angles.sin().to(hidden_states.dtype).unsqueeze(2)
+        return hidden_states, (cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"rotary_dim={self.rotary_dim}, base={self.base}, interleaved={self.interleaved}"
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim (HF Llama / GPT-NeoX layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_pairs(x: Tensor) -> Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) on adjacent pairs (GPT-J / Meta layout)."""
+    pairs = x.unflatten(-1, (-1, 2))  # [..., d/2, 2]
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: Tensor, rotary: Rotary, interleaved: bool = False) -> Tensor:
+    """Rotate the first rotary_dim channels of x [b, s, n, d] by the angles in (cos, sin) [b, s, 1, rot]."""
+    cos, sin = rotary
+    rotary_dim = cos.size(-1)
+    rotate = _rotate_pairs if interleaved else _rotate_half
+    if rotary_dim == x.size(-1):
+        return x * cos + rotate(x) * sin
+    # Partial rotary (rotary_percent < 1): the remaining channels carry no position.
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)

@@ -1,0 +1,77 @@
+"""One pre-norm transformer layer: attention and MLP, each inside a residual branch."""
+
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megaspec.config import TransformerConfig
+from megaspec.modules.embedding import Rotary
+from megaspec.registry import Slot, register
+
+
+def _or_identity(module: nn.Module | None) -> nn.Module:
+    """An empty norm slot is the identity (so forward needs no branch)."""
+    return nn.Identity() if module is None else module
+
+
+@register("layer", "transformer_layer")
+class TransformerLayer(nn.Module):
+    """x = x + drop(attn(norm(x))); x = x + drop(cross(norm(x), context)); x = x + drop(mlp(norm(x))).
+
+    Slot names are Megatron-Core's. An empty attention, cross-attention or MLP slot
+    skips that residual branch; an empty norm slot is the identity.
+    """
+
+    slots: ClassVar[dict[str, Slot]] = {
+        "input_layernorm": Slot("norm", required=False),
+        "self_attention": Slot("attention", required=False),
+        "pre_cross_attn_layernorm": Slot("norm", required=False),
+        "cross_attention": Slot("attention", required=False),
+        "pre_mlp_layernorm": Slot("norm", required=False),
+        "mlp": Slot(("mlp", "moe"), required=False),
+    }
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *,
+        input_layernorm: nn.Module | None = None,
+        self_attention: nn.Module | None = None,
+        pre_cross_attn_layernorm: nn.Module | None = None,
+        cross_attention: nn.Module | None = None,
+        pre_mlp_layernorm: nn.Module | None = None,
+        mlp: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = _or_identity(input_layernorm)
+        self.self_attention = self_attention
+        self.pre_cross_attn_layernorm = _or_identity(pre_cross_attn_layernorm)
+        self.cross_attention = cross_attention
+        self.pre_mlp_layernorm = _or_identity(pre_mlp_layernorm)
+        self.mlp = mlp
+
+    def _residual(self, hidden_states: Tensor, branch: Tensor) -> Tensor:
+        return hidden_states + F.dropout(branch, self.hidden_dropout, self.training)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        rotary: Rotary | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:  # [b, s, h] -> [b, s, h]
+        if self.self_attention is not None:
+            x = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary)
+            hidden_states = self._residual(hidden_states, x)
+        if self.cross_attention is not None:
+            # Queries from the layer, keys and values from `context` [b, sk, h] (an encoder's output).
+            x = self.cross_attention(
+                self.pre_cross_attn_layernorm(hidden_states), attention_mask=context_mask, context=context
+            )
+            hidden_states = self._residual(hidden_states, x)
+        if self.mlp is not None:
+            hidden_states = self._residual(hidden_states, self.mlp(self.pre_mlp_layernorm(hidden_states)))
+        return hidden_states

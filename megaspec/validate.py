@@ -1,0 +1,52 @@
+"""Check spec files without allocating weights: parse, resolve, meta build, meta forward."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from megaspec.errors import Problem, SpecError
+
+
+def validate_file(path: str | Path, model: str | None = None) -> tuple[list[Problem], str]:
+    """Return (problems, one-line summary) for a spec file; no problems means valid."""
+    from megaspec.build import build_module, meta_forward
+    from megaspec.compose import spec_file_inputs
+    from megaspec.summary import count_parameters
+
+    shown = str(path)
+    try:
+        spec, config, allow = spec_file_inputs(Path(path), shown, model)
+        built = build_module(spec, config, device="meta", allow_imports=allow)
+    except SpecError as exc:
+        return exc.problems, ""
+    try:
+        out = meta_forward(built)
+    except SpecError as exc:
+        return exc.problems, ""
+    except Exception as exc:  # a shape mismatch between slots surfaces here
+        return [Problem(f"meta forward failed: {type(exc).__name__}: {exc}", "<root>", shown, spec.line)], ""
+    logits = getattr(out, "logits", None)
+    shape = f", output {tuple(logits.shape)}" if logits is not None else ""
+    return [], f"{count_parameters(built):,} parameters, meta forward ok{shape}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`megaspec validate FILE...`: print every problem as file:line: path: message."""
+    parser = argparse.ArgumentParser(prog="megaspec validate", description=main.__doc__)
+    parser.add_argument("files", nargs="+", help="spec YAML files")
+    parser.add_argument("--model", help="take sizes from this conf/model entry (default: the model using the spec)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    args = parser.parse_args(argv)
+    bad = 0
+    for file in args.files:
+        problems, summary = validate_file(file, args.model)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            bad += 1
+        elif not args.quiet:
+            print(f"{file}: ok ({summary})")
+    return 1 if bad else 0

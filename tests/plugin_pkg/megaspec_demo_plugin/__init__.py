@@ -1,0 +1,1 @@
+"""Demo megaspec plug-in."""
