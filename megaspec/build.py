@@ -18,7 +18,7 @@ from torch import nn
 
 from megaspec.config import TransformerConfig
 from megaspec.errors import Problem, SpecError
-from megaspec.resolve import Resolved, make_config, resolve
+from megaspec.resolve import Configs, Resolved, make_configs, resolve
 from megaspec.spec import ModuleSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,14 +85,18 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Modu
 
 def build_module(
     spec: ModuleSpec,
-    config: TransformerConfig | Mapping[str, Any],
+    config: TransformerConfig | Configs | Mapping[str, Any],
     *,
     device: str | torch.device | None = None,
     allow_imports: tuple[str, ...] | list[str] = (),
 ) -> nn.Module:
-    """Validate `spec` against `config` and build it; `device="meta"` allocates nothing."""
-    config = make_config(config)
-    root = resolve(spec, config, allow_imports)
+    """Validate `spec` against `config` and build it; `device="meta"` allocates nothing.
+
+    `config` is one TransformerConfig (or its fields), or several by name
+    ({"language": ..., "vision": ...}) for models whose parts differ in size.
+    """
+    configs = make_configs(config)
+    root = resolve(spec, configs, allow_imports)
     with torch.device("meta"):
         model = _construct(root)
     model.to(DTYPES[root.config.params_dtype])

@@ -9,6 +9,7 @@ import torch
 
 from megaspec.build import build_module, materialize
 from megaspec.compose import model_inputs
+from megaspec.resolve import root_config
 from megaspec.summary import (
     available_memory,
     count_parameters,
@@ -26,10 +27,11 @@ MEMORY_SHARE = 0.5
 
 def build_and_report(cfg: Any, out: Any = print) -> dict[str, Any]:
     """Build the configured model, print its summary, run one forward; return the figures."""
-    spec, config, allow = model_inputs(cfg)
+    spec, configs, allow = model_inputs(cfg)
+    config = root_config(spec, configs)
     opts = cfg.get("build", {}) or {}
     torch.manual_seed(int(opts.get("seed", 0)))
-    model = build_module(spec, config, device="meta", allow_imports=allow)
+    model = build_module(spec, configs, device="meta", allow_imports=allow)
     total = count_parameters(model)
     weights = parameter_bytes(model)
     seq = min(int(opts.get("seq_len", 128)), config.max_position_embeddings)

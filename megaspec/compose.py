@@ -14,10 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from megaspec.config import TransformerConfig
 from megaspec.errors import Problem, SpecError
 from megaspec.paths import conf_dir, resource_root, specs_dir
-from megaspec.resolve import make_config
+from megaspec.resolve import Configs, is_named, make_configs
 from megaspec.source import SourceMap, load_yaml
 from megaspec.spec import ModuleSpec, parse_spec
 
@@ -69,7 +68,7 @@ def _source_map(rel: str | None, composed: bool) -> SourceMap:
     return smap
 
 
-def _from_cfg(cfg: DictConfig | Mapping[str, Any]) -> tuple[ModuleSpec, TransformerConfig, tuple[str, ...]]:
+def _from_cfg(cfg: DictConfig | Mapping[str, Any]) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
     if isinstance(cfg, DictConfig):
         data = OmegaConf.to_container(cfg, resolve=True)
     else:
@@ -79,8 +78,8 @@ def _from_cfg(cfg: DictConfig | Mapping[str, Any]) -> tuple[ModuleSpec, Transfor
         raise SpecError("config has no model.spec and model.config; compose it with megaspec.compose()")
     sources = data.get("sources") or {}
     spec = parse_spec(model["spec"], _source_map(sources.get("spec"), composed=True))
-    config = make_config(model["config"], _source_map(sources.get("model"), composed=True), ("config",))
-    return spec, config, tuple(data.get("allow_imports") or ())
+    configs = make_configs(model["config"], _source_map(sources.get("model"), composed=True), ("config",))
+    return spec, configs, tuple(data.get("allow_imports") or ())
 
 
 def models_using_spec(spec_file: Path) -> list[str]:
@@ -95,8 +94,8 @@ def models_using_spec(spec_file: Path) -> list[str]:
 
 
 def spec_file_inputs(path: Path, display: str | None = None, model: str | None = None,
-                     ) -> tuple[ModuleSpec, TransformerConfig, tuple[str, ...]]:
-    """(spec, config) for a spec file: sizes from its root `config`, over a model that uses it."""
+                     ) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
+    """(spec, configs) for a spec file: sizes from its root `config`, over a model that uses it."""
     from megaspec.spec import load_spec
 
     spec = load_spec(path, display)
@@ -104,19 +103,25 @@ def spec_file_inputs(path: Path, display: str | None = None, model: str | None =
     in_shipped = path.resolve().parent == specs_dir().resolve()
     model = model or next(iter(models_using_spec(path) if in_shipped else []), None)
     if model:
-        base = dict(compose([f"model={model}"]).model.config)
-    fields = {**base, **dict(spec.config)}
+        base = OmegaConf.to_container(compose([f"model={model}"]).model.config, resolve=True)
+    if isinstance(spec.config, str):  # the root selects one of the model's named configs
+        fields: dict[str, Any] = base
+    elif is_named(base) or is_named(spec.config):
+        fields = {n: {**base.get(n, {}), **dict(spec.config.get(n, {}))} for n in {**base, **spec.config}}
+    else:
+        fields = {**base, **dict(spec.config)}
     if not fields:
         raise SpecError(Problem(
             "no sizes: give TransformerConfig fields under the root node's 'config', or name a model "
             "(--model NAME) whose config to use", "", spec.file, 1))
-    config = make_config(fields, spec.smap, ("config",))
-    # The root's config became the base config; the node keeps no override of its own.
-    spec = ModuleSpec(spec.module, spec.params, spec.submodules, {}, spec.repeat, spec.smap)
-    return spec, config, ()
+    configs = make_configs(fields, spec.smap, ("config",))
+    if not isinstance(spec.config, str):
+        # The root's fields became the base config; the node keeps no override of its own.
+        spec = ModuleSpec(spec.module, spec.params, spec.submodules, {}, spec.repeat, spec.smap)
+    return spec, configs, ()
 
 
-def model_inputs(source: Any) -> tuple[ModuleSpec, TransformerConfig, tuple[str, ...]]:
+def model_inputs(source: Any) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
     """(spec, config, allow_imports) from a composed config, a spec file path or a model name."""
     if isinstance(source, (str, Path)):
         path = Path(source)

@@ -67,15 +67,52 @@ def make_config(data: Mapping[str, Any] | TransformerConfig, smap: SourceMap | N
         raise SpecError(config_problems(exc, smap or SourceMap(), key, tree, data)) from None
 
 
+Configs = dict[str, TransformerConfig]
+
+
+def is_named(data: Any) -> bool:
+    """True for named configs ({language: {...}, vision: {...}}) rather than one config's fields."""
+    if isinstance(data, Mapping) and data and all(isinstance(v, TransformerConfig) for v in data.values()):
+        return True
+    return (isinstance(data, Mapping) and bool(data)
+            and all(isinstance(v, Mapping) for v in data.values())
+            and not set(data) & set(TransformerConfig.model_fields))
+
+
+def make_configs(data: Any, smap: SourceMap | None = None, key: Key = (), tree: str = "config") -> Configs:
+    """One config (named '') or several named ones, each validated, all problems at once."""
+    if not is_named(data):
+        return {"": make_config(data, smap, key, tree)}
+    configs, problems = {}, []
+    for name, fields in data.items():
+        try:
+            configs[str(name)] = make_config(fields, smap, (*key, name), f"{tree}.{name}")
+        except SpecError as exc:
+            problems += exc.problems
+    if problems:
+        raise SpecError(problems)
+    return configs
+
+
 class _Resolver:
-    def __init__(self, allow_imports: tuple[str, ...]) -> None:
+    def __init__(self, allow_imports: tuple[str, ...], configs: Configs) -> None:
         self.allow_imports = allow_imports
+        self.configs = configs
         self.problems: list[Problem] = []
 
     def node(self, spec: ModuleSpec, config: TransformerConfig, path: str,
              slot: tuple[str, str, Slot] | None = None) -> Resolved | None:
         smap = spec.smap
-        if spec.config:
+        if isinstance(spec.config, str):  # switch to a named config for this subtree
+            if spec.config not in self.configs:
+                names = [n for n in self.configs if n]
+                self.problems.append(smap.problem(
+                    ("config",), _join(path, "config"),
+                    f"no config named '{spec.config}'{did_you_mean(spec.config, names)}; "
+                    f"configs: {', '.join(names) or 'one unnamed config'}", spec.config))
+                return None
+            config = self.configs[spec.config]
+        elif spec.config:
             try:
                 config = config.updated(**spec.config)
             except ValidationError as exc:
@@ -93,7 +130,7 @@ class _Resolver:
             if entry.kind != "*" and entry.kind not in decl.kinds:
                 self.problems.append(smap.problem(
                     ("module",), path,
-                    f"'{entry.name}' is a {entry.kind} module, but slot '{slot_name}' of {owner} "
+                    f"'{entry.name}' is {_a(entry.kind)} module, but slot '{slot_name}' of {owner} "
                     f"takes {' or '.join(decl.kinds)}", spec.module))
                 return None
         params, bad = check_params(entry.cls, dict(spec.params), provides, owner=slot[0] if slot else "")
@@ -121,7 +158,7 @@ class _Resolver:
                 if decl.required:
                     self.problems.append(smap.problem(
                         ("submodules", name) if name in r.spec.submodules else ("module",), path,
-                        f"required slot '{name}' of {r.entry.name} is empty (needs a {' or '.join(decl.kinds)} module)"))
+                        f"required slot '{name}' of {r.entry.name} is empty (needs {_a(' or '.join(decl.kinds))} module)"))
                 r.children[name] = None
                 continue
             owner = (r.entry.name, name, decl)
@@ -144,9 +181,10 @@ class _Resolver:
             out = [r] * count if r is not None else []
             got = count
         elif isinstance(value, Pattern):
-            count = want or len(value.pattern)
+            names = self.pattern_names(value, config, path)
+            count = want or len(names)
             by_name = {n: self.node(s, config, f"{path}.nodes.{n}", owner) for n, s in value.nodes.items()}
-            out = [by_name[value.pattern[i % len(value.pattern)]] for i in range(count)]
+            out = [by_name.get(names[i % len(names)]) for i in range(count)] if names else []
             out = [r for r in out if r is not None]
             got = count
         else:
@@ -163,14 +201,57 @@ class _Resolver:
         return out
 
 
+    def pattern_names(self, value: Pattern, config: TransformerConfig, path: str) -> list[str]:
+        """The per-layer node names: written out, or read from a config field."""
+        if not isinstance(value.pattern, str):
+            return list(value.pattern)
+        field_name = value.pattern
+        found = getattr(config, field_name, None)
+        if not isinstance(found, (list, tuple)) or not found:
+            fields = [f for f in dir(config) if "pattern" in f or f in TransformerConfig.model_fields]
+            hint = "" if hasattr(config, field_name) else did_you_mean(field_name, fields)
+            self.problems.append(value.smap.problem(
+                ("pattern",), f"{path}.pattern",
+                f"config field '{field_name}' does not hold a per-layer list{hint}"))
+            return []
+        names = [str(int(v)) if isinstance(v, bool) else str(v) for v in found]
+        unknown = sorted(set(names) - set(value.nodes))
+        if unknown:
+            self.problems.append(value.smap.problem(
+                ("pattern",), f"{path}.pattern",
+                f"config field '{field_name}' selects node(s) {', '.join(unknown)}, which are not in nodes; "
+                f"nodes are {', '.join(value.nodes)}"))
+            return []
+        return names
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def resolve(spec: ModuleSpec, config: TransformerConfig, allow_imports: tuple[str, ...] | list[str] = ()) -> Resolved:
-    """Validate the whole tree; raise SpecError listing every problem."""
-    resolver = _Resolver(tuple(allow_imports))
-    root = resolver.node(spec, config, "")
+def root_config(spec: ModuleSpec, configs: TransformerConfig | Configs) -> TransformerConfig:
+    """The config the root node is built with."""
+    if isinstance(configs, TransformerConfig):
+        return configs
+    if isinstance(spec.config, str) and spec.config in configs:
+        return configs[spec.config]
+    return next(iter(configs.values()))
+
+
+def resolve(spec: ModuleSpec, config: TransformerConfig | Configs,
+            allow_imports: tuple[str, ...] | list[str] = ()) -> Resolved:
+    """Validate the whole tree; raise SpecError listing every problem.
+
+    With named configs, a node selects one by name (`config: vision`); the root
+    uses the first unless it names another.
+    """
+    configs = config if isinstance(config, dict) else {"": config}
+    resolver = _Resolver(tuple(allow_imports), configs)
+    root = resolver.node(spec, root_config(spec, configs), "")
     if resolver.problems or root is None:
         raise SpecError(resolver.problems)
     return root

@@ -49,14 +49,14 @@ class ModuleSpec:
     module: str
     params: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     submodules: Mapping[str, SlotValue] = field(default_factory=lambda: EMPTY)
-    config: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    config: Mapping[str, Any] | str = field(default_factory=lambda: EMPTY)  # overrides, or a config name
     repeat: int | None = None
     smap: SourceMap = field(default_factory=SourceMap, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("params", "submodules", "config"):
             value = getattr(self, name)
-            if not isinstance(value, MappingProxyType):
+            if not isinstance(value, (MappingProxyType, str)):
                 object.__setattr__(self, name, _freeze(value) if name != "submodules" else MappingProxyType(dict(value)))
 
     @property
@@ -77,7 +77,7 @@ class ModuleSpec:
         if self.submodules:
             out["submodules"] = {k: _slot_to_data(v) for k, v in self.submodules.items()}
         if self.config:
-            out["config"] = _thaw(self.config)
+            out["config"] = self.config if isinstance(self.config, str) else _thaw(self.config)
         if self.repeat is not None:
             out["repeat"] = self.repeat
         return out
@@ -85,9 +85,14 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class Pattern:
-    """A list slot written as a pattern of named nodes, cycled to the count."""
+    """A list slot written as a pattern of named nodes, cycled to the count.
 
-    pattern: tuple[str, ...]
+    `pattern` is either the node names in order, or the name of a config field
+    holding one node name per layer (e.g. `moe_layer_pattern`), so the layout
+    can follow a size setting without the builder knowing what it means.
+    """
+
+    pattern: tuple[str, ...] | str
     nodes: Mapping[str, ModuleSpec]
     smap: SourceMap = field(default_factory=SourceMap, compare=False, repr=False)
 
@@ -101,7 +106,8 @@ def _slot_to_data(value: SlotValue) -> Any:
     if isinstance(value, ModuleSpec):
         return value.to_dict()
     if isinstance(value, Pattern):
-        return {"pattern": list(value.pattern), "nodes": {k: n.to_dict() for k, n in value.nodes.items()}}
+        names = value.pattern if isinstance(value.pattern, str) else list(value.pattern)
+        return {"pattern": names, "nodes": {k: n.to_dict() for k, n in value.nodes.items()}}
     return [n.to_dict() for n in value]
 
 
@@ -134,7 +140,9 @@ class _Parser:
                       else "node has no 'module'")
             return None
         params = self.mapping(data.get("params"), (*key, "params"), f"{tree}.params" if tree else "params")
-        config = self.mapping(data.get("config"), (*key, "config"), f"{tree}.config" if tree else "config")
+        config: Any = data.get("config")
+        if not isinstance(config, str):  # a string selects a named config; a mapping overrides fields
+            config = self.mapping(config, (*key, "config"), f"{tree}.config" if tree else "config")
         repeat = data.get("repeat")
         if repeat is not None:
             if not in_list:
@@ -176,22 +184,26 @@ class _Parser:
         if extra:
             self.fail((*key, extra[0]), tree, f"unknown pattern field '{extra[0]}'; a pattern has 'pattern' and 'nodes'")
         names, nodes_data = value.get("pattern"), value.get("nodes")
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            self.fail((*key, "pattern"), tree, f"'pattern' must be a non-empty list of node names, got {names!r}")
+        from_config = isinstance(names, str) and bool(names)
+        if not from_config and (not isinstance(names, list) or not names
+                                or not all(isinstance(n, (str, int)) for n in names)):
+            self.fail((*key, "pattern"), tree,
+                      f"'pattern' must be a non-empty list of node names or a config field name, got {names!r}")
             return None
         if not isinstance(nodes_data, Mapping) or not nodes_data:
             self.fail((*key, "nodes"), tree, "'nodes' must map each pattern name to a node")
             return None
         nodes = {}
+        names = names if from_config else [str(n) for n in names]
         for name, data in nodes_data.items():
             node = self.node(data, (*key, "nodes", name), f"{tree}.nodes.{name}")
             if node is not None:
-                nodes[str(name)] = node
-        for i, name in enumerate(names):
-            if name not in nodes_data:
+                nodes[str(name)] = node  # YAML may key nodes by 0/1: compare as strings
+        for i, name in enumerate([] if from_config else names):
+            if name not in nodes:
                 self.fail((*key, "pattern", i), tree, f"pattern names '{name}', which is not in nodes"
-                          f"{did_you_mean(name, list(nodes_data))}; nodes are {', '.join(map(str, nodes_data))}")
-        return Pattern(tuple(names), MappingProxyType(nodes), self.smap.child(key))
+                          f"{did_you_mean(name, list(nodes))}; nodes are {', '.join(nodes)}")
+        return Pattern(names if from_config else tuple(names), MappingProxyType(nodes), self.smap.child(key))
 
 
 def _kind(value: Any) -> str:
@@ -260,7 +272,8 @@ class _PatternSchema(BaseModel):
     """A list slot as a pattern of named nodes, cycled to the parent's count."""
 
     model_config = ConfigDict(extra="forbid", title="Pattern")
-    pattern: list[str] = Field(min_length=1, description="Node names, one per layer, cycled.")
+    pattern: Union[list[Union[str, int]], str] = Field(
+        description="Node names, one per layer, cycled; or a config field holding one name per layer.")
     nodes: dict[str, Union[str, _NodeSchema]]
 
 

@@ -18,8 +18,8 @@ def validate_file(path: str | Path, model: str | None = None) -> tuple[list[Prob
 
     shown = str(path)
     try:
-        spec, config, allow = spec_file_inputs(Path(path), shown, model)
-        built = build_module(spec, config, device="meta", allow_imports=allow)
+        spec, configs, allow = spec_file_inputs(Path(path), shown, model)
+        built = build_module(spec, configs, device="meta", allow_imports=allow)
     except SpecError as exc:
         return exc.problems, ""
     try:

@@ -129,8 +129,8 @@ def test_slot_errors_unknown_required_and_wrong_kind(toys, write_yaml):
     """)
     assert errors_of(path, toys) == [
         f"{path}:7: layers[*].mlpp: toy_layer has no slot 'mlpp' (did you mean 'mlp'?); slots: norm, attn, mlp",
-        f"{path}:6: layers[*].attn: 'toy_mlp' is a mlp module, but slot 'attn' of toy_layer takes attention",
-        f"{path}:4: layers[*].mlp: required slot 'mlp' of toy_layer is empty (needs a mlp or moe module)",
+        f"{path}:6: layers[*].attn: 'toy_mlp' is an mlp module, but slot 'attn' of toy_layer takes attention",
+        f"{path}:4: layers[*].mlp: required slot 'mlp' of toy_layer is empty (needs an mlp or moe module)",
     ]
 
 
@@ -201,3 +201,33 @@ def test_meta_build_allocates_nothing_and_real_build_inits(toys, write_yaml):
     assert all(p.is_meta for p in meta.parameters())
     real = build_module(spec, toys)
     assert torch.equal(real.layers[0].norm.weight, torch.ones(8))
+
+
+def test_pattern_read_from_a_config_field(toys, write_yaml):
+    path = write_yaml("""
+        module: toy_stack
+        submodules:
+          layers:
+            pattern: num_layers
+            nodes: {a: {module: toy_layer, submodules: {attn: toy_attn, mlp: toy_mlp}}}
+    """)
+    problems = errors_of(path, toys)
+    assert problems == [f"{path}:4: layers.pattern: config field 'num_layers' does not hold a per-layer list"]
+
+
+def test_named_configs_switch_per_subtree(toys, write_yaml):
+    path = write_yaml("""
+        module: toy_stack
+        submodules:
+          layers:
+            - {module: toy_layer, submodules: {attn: toy_attn, mlp: toy_mlp}}
+            - {module: toy_layer, config: vision, submodules: {attn: toy_attn, mlp: toy_mlp}}
+            - {module: toy_layer, config: visoin, submodules: {attn: toy_attn, mlp: toy_mlp}}
+    """)
+    configs = {"text": toys, "vision": {**toys, "ffn_hidden_size": 5}}
+    assert errors_of(path, configs) == [
+        f"{path}:6: layers[2].config: no config named 'visoin' (did you mean 'vision'?); configs: text, vision"]
+    spec = load_spec(path)
+    ok = dataclasses.replace(spec, submodules={"layers": spec.submodules["layers"][:2] + spec.submodules["layers"][:1]})
+    model = build_module(ok, configs, device="meta")
+    assert [layer.mlp.width for layer in model.layers] == [32, 5, 32]
