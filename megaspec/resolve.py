@@ -130,7 +130,7 @@ class _Resolver:
             if entry.kind != "*" and entry.kind not in decl.kinds:
                 self.problems.append(smap.problem(
                     ("module",), path,
-                    f"'{entry.name}' is {_a(entry.kind)} module, but slot '{slot_name}' of {owner} "
+                    f"'{entry.name}' is of kind {entry.kind}, but slot '{slot_name}' of {owner} "
                     f"takes {' or '.join(decl.kinds)}", spec.module))
                 return None
         params, bad = check_params(entry.cls, dict(spec.params), provides, owner=slot[0] if slot else "")
@@ -158,7 +158,7 @@ class _Resolver:
                 if decl.required:
                     self.problems.append(smap.problem(
                         ("submodules", name) if name in r.spec.submodules else ("module",), path,
-                        f"required slot '{name}' of {r.entry.name} is empty (needs {_a(' or '.join(decl.kinds))} module)"))
+                        f"required slot '{name}' of {r.entry.name} is empty (needs a module of kind {' or '.join(decl.kinds)})"))
                 r.children[name] = None
                 continue
             owner = (r.entry.name, name, decl)
@@ -223,10 +223,6 @@ class _Resolver:
                 f"nodes are {', '.join(value.nodes)}"))
             return []
         return names
-
-
-def _a(word: str) -> str:
-    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 
 
 def _join(path: str, name: str) -> str:
