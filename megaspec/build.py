@@ -100,6 +100,10 @@ def build_module(
     with torch.device("meta"):
         model = _construct(root)
     model.to(DTYPES[root.config.params_dtype])
+    # What the model was built from, so checkpoints can describe themselves.
+    model.megaspec_spec = spec  # type: ignore[assignment]
+    model.megaspec_configs = configs  # type: ignore[assignment]
+    model.megaspec_allow_imports = tuple(allow_imports)  # type: ignore[assignment]
     if str(device) == "meta":
         return model
     return materialize(model, device or "cpu")

@@ -68,7 +68,7 @@ def _list(argv: list[str]) -> int:
 
 
 def _schema(argv: list[str]) -> int:
-    from megaspec.spec import json_schema
+    from megaspec.schema import json_schema
 
     parser = argparse.ArgumentParser(prog="megaspec schema", description="Print the spec JSON Schema.")
     parser.add_argument("-o", "--output", help="write to this file instead of stdout")

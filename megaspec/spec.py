@@ -15,8 +15,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
-
 from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.source import Key, SourceMap, load_yaml
 
@@ -252,55 +250,3 @@ def walk(spec: ModuleSpec, prefix: str = "") -> Iterator[tuple[str, ModuleSpec]]
     yield prefix, spec
     for slot, child in iter_slots(spec):
         yield from walk(child, f"{prefix}.{slot}" if prefix else slot)
-
-
-# ---------------------------------------------------------------- JSON Schema
-
-
-class _NodeSchema(BaseModel):
-    """A spec node."""
-
-    model_config = ConfigDict(extra="forbid", title="ModuleSpec")
-    module: str = Field(description="A registered module name (see `megaspec list`).")
-    params: dict[str, Any] = Field(default_factory=dict, description="Arguments of the module's constructor.")
-    submodules: dict[str, _SlotSchema] = Field(default_factory=dict, description="Children by slot name.")
-    config: dict[str, Any] = Field(default_factory=dict, description="TransformerConfig fields overridden for this subtree.")
-    repeat: PositiveInt | None = Field(None, description="In a list slot: how many copies of this node.")
-
-
-class _PatternSchema(BaseModel):
-    """A list slot as a pattern of named nodes, cycled to the parent's count."""
-
-    model_config = ConfigDict(extra="forbid", title="Pattern")
-    pattern: Union[list[Union[str, int]], str] = Field(
-        description="Node names, one per layer, cycled; or a config field holding one name per layer.")
-    nodes: dict[str, Union[str, _NodeSchema]]
-
-
-_SlotSchema = Union[None, str, _NodeSchema, list[Union[str, _NodeSchema]], _PatternSchema]
-_NodeSchema.model_rebuild()
-_PatternSchema.model_rebuild()
-
-
-def json_schema() -> dict[str, Any]:
-    """JSON Schema of the spec file format, with registered names as completions."""
-    from pydantic import TypeAdapter
-
-    from megaspec.config import TransformerConfig
-    from megaspec.registry import entries
-
-    schema = TypeAdapter(Union[str, _NodeSchema]).json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "megaspec spec file"
-    defs = schema.setdefault("$defs", {})
-    names = [e.name for e in entries()]
-    node = defs["ModuleSpec"]["properties"]
-    # Editors complete from `examples`; an enum would reject plug-ins not installed yet.
-    node["module"]["examples"] = names
-    node["config"] = {"$ref": "#/$defs/ConfigOverrides", "description": node["config"]["description"]}
-    overrides = TransformerConfig.model_json_schema()
-    overrides.pop("required", None)
-    overrides["title"] = "ConfigOverrides"
-    defs.update(overrides.pop("$defs", {}))
-    defs["ConfigOverrides"] = overrides
-    return schema
