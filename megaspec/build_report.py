@@ -38,8 +38,8 @@ def build_and_report(cfg: Any, out: Any = print) -> dict[str, Any]:
     batch = int(opts.get("batch_size", 1))
     flops = forward_flops(model, seq)
 
-    name = (cfg.get("sources") or {}).get("model", "model")
-    out(f"{name}: {spec.module}  (spec: {(cfg.get('sources') or {}).get('spec', spec.file or 'inline')})")
+    sources = cfg.get("sources") or {}
+    out(f"model: {sources.get('model', 'inline config')}   spec: {sources.get('spec', spec.file or 'inline')}")
     out(format_tree(slot_rows(model)))
     out(f"total parameters: {total:,}")
     if flops is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Sequence
 
@@ -13,6 +14,7 @@ USAGE = """usage: megaspec COMMAND [ARGS]
 
 commands:
   build [OVERRIDES]   build a model from conf/ + specs/ and print its summary (Hydra overrides; --help)
+  train [OVERRIDES]   train it: trainer.*, data=text|synthetic; torchrun for several processes
   validate FILE...    check spec files without allocating weights
   list [KIND]         registered modules: name, kind, class, origin
   schema [-o FILE]    JSON Schema of the spec file format, for editors
@@ -40,6 +42,41 @@ def _build(argv: list[str]) -> int:
             sys.exit(1)
 
     sys.argv = ["megaspec build", searchpath_override(), *argv]
+    run()
+    return 0
+
+
+def _train(argv: list[str]) -> int:
+    import os
+
+    import hydra
+
+    from megaspec.compose import searchpath_override
+    from megaspec.paths import conf_dir
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
+    def run(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
+        from hydra.core.hydra_config import HydraConfig
+
+        from megaspec.compose import record_sources
+        from megaspec.train import train
+
+        hydra_cfg = HydraConfig.get()
+        record_sources(cfg, hydra_cfg.runtime.choices)
+        try:
+            train(cfg, run_dir=hydra_cfg.runtime.output_dir)
+        except SpecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+
+    # Unlike `build`, a run writes files (metrics, loss curve, checkpoints): give it a fresh
+    # Hydra run directory. Under torchrun only rank 0 makes one; the others are told its path.
+    run_dir = ["hydra.run.dir=outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}", "hydra.output_subdir=.hydra",
+               "hydra.help.app_name=megaspec train"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.argv = ["megaspec train", searchpath_override(), *run_dir, *argv]
+    else:
+        sys.argv = ["megaspec train", searchpath_override(), *argv, "hydra.run.dir=.", "hydra.output_subdir=null"]
     run()
     return 0
 
@@ -88,11 +125,13 @@ def _validate(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"build": _build, "validate": _validate, "list": _list, "schema": _schema}
+COMMANDS = {"build": _build, "train": _train, "validate": _validate, "list": _list, "schema": _schema}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `megaspec` console script."""
+    if hasattr(signal, "SIGPIPE"):  # `megaspec list | head` ends quietly, as shell tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
