@@ -89,3 +89,23 @@ def test_build_model_accepts_a_model_name_and_a_spec_file(tmp_path):
 def test_public_api_names():
     for name in ("compose", "build_model", "load_spec", "build_module", "register", "SpecError"):
         assert hasattr(megaspec, name)
+
+
+def test_slot_defaults_complete_a_bare_node():
+    cfg = compose([*TINY, f"{LAYER}.submodules.self_attention=self_attention", f"{LAYER}.submodules.mlp=mlp"])
+    layer = build_model(cfg, device="meta").decoder.layers[0]
+    assert [layer.self_attention.linear_qkv._megaspec_name, layer.self_attention.core_attention._megaspec_name,
+            layer.mlp.linear_fc2._megaspec_name] == ["linear", "sdpa", "linear"]
+
+
+def test_config_flag_and_spec_must_agree_on_qk_layernorm():
+    with pytest.raises(SpecError) as info:
+        build_model(compose([*TINY, "+model.config.qk_layernorm=true"]), device="meta")
+    assert str(info.value) == (
+        "specs/gpt2.yaml:21: decoder.layers[*].self_attention: building 'self_attention' (SelfAttention) failed: "
+        "ValueError: config.qk_layernorm is True but the spec fills q_layernorm=False, k_layernorm=False; "
+        "fill both slots exactly when it is true")
+    attn = f"{LAYER}.submodules.self_attention.submodules"
+    model = build_model(compose([*TINY, "+model.config.qk_layernorm=true", f"+{attn}.q_layernorm=layer_norm",
+                                 f"+{attn}.k_layernorm=layer_norm"]), device="meta")
+    assert model.decoder.layers[0].self_attention.q_layernorm.weight.shape == (16,)

@@ -20,10 +20,22 @@ class SelfAttention(nn.Module):
     groups is then a self-contained shard, so tensor parallelism can split by head.
     """
 
+    # Tensor parallelism (megaspec.parallel.plans): whole query groups per rank, so each
+    # rank attends with its own heads; the output projection sums the ranks' parts.
+    tp_plan: ClassVar[dict[str, str]] = {
+        "": "gather_sequence",
+        "linear_qkv": "colwise",
+        "linear_proj": "rowwise",
+        "num_heads": "per_rank",
+        "num_query_groups": "per_rank",
+    }
+
     slots: ClassVar[dict[str, Slot]] = {
-        "linear_qkv": Slot("linear", provides=("in_features", "out_features", "bias")),
-        "core_attention": Slot("core_attention"),
-        "linear_proj": Slot("linear", provides=("in_features", "out_features", "bias", "output_proj")),
+        "linear_qkv": Slot("linear", provides=("in_features", "out_features", "bias"), default="linear"),
+        "core_attention": Slot("core_attention", default="sdpa"),
+        "linear_proj": Slot(
+            "linear", provides=("in_features", "out_features", "bias", "output_proj"), default="linear"
+        ),
         "q_layernorm": Slot("norm", required=False, provides=("hidden_size",)),
         "k_layernorm": Slot("norm", required=False, provides=("hidden_size",)),
     }
@@ -56,6 +68,13 @@ class SelfAttention(nn.Module):
             out_features=qkv_size,
             bias=config.add_bias_linear or config.add_qkv_bias,
         )
+        # The config flag and the spec must agree, or one of them would be silently ignored.
+        filled = (q_layernorm is not None, k_layernorm is not None)
+        if filled != (config.qk_layernorm, config.qk_layernorm):
+            raise ValueError(
+                f"config.qk_layernorm is {config.qk_layernorm} but the spec fills "
+                f"q_layernorm={filled[0]}, k_layernorm={filled[1]}; fill both slots exactly when it is true"
+            )
         self.q_layernorm = q_layernorm(hidden_size=self.head_dim) if q_layernorm else nn.Identity()
         self.k_layernorm = k_layernorm(hidden_size=self.head_dim) if k_layernorm else nn.Identity()
         self.core_attention = core_attention

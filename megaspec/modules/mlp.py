@@ -16,8 +16,10 @@ class MLP(nn.Module):
     """fc2(act(fc1(x))), or fc2(act(gate) * up) when `config.gated_linear_unit` (SwiGLU, GeGLU)."""
 
     slots: ClassVar[dict[str, Slot]] = {
-        "linear_fc1": Slot("linear", provides=("in_features", "out_features", "bias")),
-        "linear_fc2": Slot("linear", provides=("in_features", "out_features", "bias", "output_proj")),
+        "linear_fc1": Slot("linear", provides=("in_features", "out_features", "bias"), default="linear"),
+        "linear_fc2": Slot(
+            "linear", provides=("in_features", "out_features", "bias", "output_proj"), default="linear"
+        ),
         "activation": Slot("activation", required=False),
     }
 
@@ -42,6 +44,12 @@ class MLP(nn.Module):
         self.linear_fc2 = linear_fc2(
             in_features=ffn, out_features=config.hidden_size, bias=config.add_bias_linear, output_proj=True
         )
+
+    @property
+    def tp_plan(self) -> dict[str, str]:
+        """Tensor parallelism (megaspec.parallel.plans): fc1 split by column, fc2 by row."""
+        fc1 = "colwise_gated" if self.gated else "colwise"  # gated: each rank keeps gate_r and up_r
+        return {"": "gather_sequence", "linear_fc1": fc1, "linear_fc2": "rowwise"}
 
     def forward(self, hidden_states: Tensor) -> Tensor:  # [b, s, h] -> [b, s, h]
         x = self.linear_fc1(hidden_states)  # [b, s, ffn] or [b, s, 2 * ffn]
