@@ -1,6 +1,7 @@
 """megaspec: describe a transformer in YAML specs, build it as plain torch modules."""
 
 from megaspec.build import build_model, build_module, meta_forward
+from megaspec.checkpoint import load, save
 from megaspec.compose import compose
 from megaspec.config import TransformerConfig
 from megaspec.errors import Problem, SpecError
@@ -17,10 +18,12 @@ __all__ = [
     "build_module",
     "compose",
     "entries",
+    "load",
     "load_spec",
     "lookup",
     "meta_forward",
     "parse_spec",
     "register",
+    "save",
 ]
 __version__ = "0.1.0"

@@ -27,7 +27,9 @@ MEMORY_SHARE = 0.5
 
 def build_and_report(cfg: Any, out: Any = print) -> dict[str, Any]:
     """Build the configured model, print its summary, run one forward; return the figures."""
-    spec, configs, allow = model_inputs(cfg)
+    # `+checkpoint=DIR`: a saved megaspec checkpoint's spec, config and weights replace the composed model.
+    checkpoint = cfg.get("checkpoint")
+    spec, configs, allow = model_inputs(str(checkpoint) if checkpoint else cfg)
     config = root_config(spec, configs)
     opts = cfg.get("build", {}) or {}
     torch.manual_seed(int(opts.get("seed", 0)))
@@ -39,6 +41,8 @@ def build_and_report(cfg: Any, out: Any = print) -> dict[str, Any]:
     flops = forward_flops(model, seq)
 
     sources = cfg.get("sources") or {}
+    if checkpoint:
+        sources = {"model": f"checkpoint {checkpoint}", "spec": f"{checkpoint}/megaspec.yaml"}
     out(f"model: {sources.get('model', 'inline config')}   spec: {sources.get('spec', spec.file or 'inline')}")
     out(format_tree(slot_rows(model)))
     out(f"total parameters: {total:,}")
@@ -62,7 +66,12 @@ def build_and_report(cfg: Any, out: Any = print) -> dict[str, Any]:
         return result
     target = "cpu" if device == "auto" else device
     start = time.perf_counter()
-    materialize(model, target)
+    if checkpoint:
+        from megaspec.checkpoint import load_weights
+
+        load_weights(model, str(checkpoint), target)
+    else:
+        materialize(model, target)
     build_s = time.perf_counter() - start
     model.eval()
     inputs = model.example_inputs(batch=batch, seq=seq, device=target)

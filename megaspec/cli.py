@@ -18,6 +18,7 @@ commands:
   validate FILE...    check spec files without allocating weights
   list [KIND]         registered modules: name, kind, class, origin
   schema [-o FILE]    JSON Schema of the spec file format, for editors
+  convert SRC OUT     HF save_pretrained directory -> megaspec checkpoint (--to hf: the reverse)
 """
 
 
@@ -46,6 +47,25 @@ def _build(argv: list[str]) -> int:
     return 0
 
 
+# No single quotes in here: it reaches Hydra as one quoted override, hydra.help.template='...'.
+TRAIN_HELP = """megaspec train [OVERRIDES]: train a model on the bundled text corpus (bytes) or synthetic tokens.
+
+Overrides use the Hydra grammar, as for megaspec build:
+  model=llama model.config.num_layers=2   the model and its sizes
+  trainer.max_steps=500 trainer.lr=1e-3   steps, optimizer, schedule, precision (see trainer:)
+  trainer.global_batch_size=32 trainer.micro_batch_size=8   gradient accumulation makes up the rest
+  data=synthetic                          random tokens (throughput) instead of text
+  trainer.resume=outputs/DATE/TIME/checkpoints   continue from the latest checkpoint there
+  parallel=fsdp_tp                        the layout under torchrun --nproc-per-node N -m megaspec train
+
+Each run writes metrics.jsonl, loss.png, checkpoints/ and model/ to outputs/DATE/TIME (hydra.run.dir=...).
+
+== Configuration groups ==
+$APP_CONFIG_GROUPS
+== Config ==
+$CONFIG"""
+
+
 def _train(argv: list[str]) -> int:
     import os
 
@@ -72,7 +92,7 @@ def _train(argv: list[str]) -> int:
     # Unlike `build`, a run writes files (metrics, loss curve, checkpoints): give it a fresh
     # Hydra run directory. Under torchrun only rank 0 makes one; the others are told its path.
     run_dir = ["hydra.run.dir=outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}", "hydra.output_subdir=.hydra",
-               "hydra.help.app_name=megaspec train"]
+               "hydra.help.app_name=megaspec train", f"hydra.help.template='{TRAIN_HELP}'"]
     if int(os.environ.get("RANK", "0")) == 0:
         sys.argv = ["megaspec train", searchpath_override(), *run_dir, *argv]
     else:
@@ -119,13 +139,32 @@ def _schema(argv: list[str]) -> int:
     return 0
 
 
+def _convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="megaspec convert",
+        description="Convert weights between an HF transformers directory and a megaspec checkpoint.")
+    parser.add_argument("source", help="an HF save_pretrained directory (or, with --to hf, a megaspec checkpoint)")
+    parser.add_argument("output", help="the directory to write")
+    parser.add_argument("--to", choices=("megaspec", "hf"), default="megaspec", help="what to write (default: megaspec)")
+    args = parser.parse_args(argv)
+    from megaspec.checkpoint import load, save
+    from megaspec.interop.hf import from_hf, to_hf
+
+    if args.to == "hf":
+        to_hf(load(args.source), args.output)
+    else:
+        save(from_hf(args.source), args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _validate(argv: list[str]) -> int:
     from megaspec.validate import main
 
     return main(argv)
 
 
-COMMANDS = {"build": _build, "train": _train, "validate": _validate, "list": _list, "schema": _schema}
+COMMANDS = {"build": _build, "train": _train, "validate": _validate, "list": _list, "schema": _schema, "convert": _convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

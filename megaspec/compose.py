@@ -122,9 +122,13 @@ def spec_file_inputs(path: Path, display: str | None = None, model: str | None =
 
 
 def model_inputs(source: Any) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
-    """(spec, config, allow_imports) from a composed config, a spec file path or a model name."""
+    """(spec, config, allow_imports) from a composed config, a spec file path, a model name or a checkpoint."""
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if path.is_dir():  # a megaspec checkpoint directory: the spec and config it was saved with
+            from megaspec.checkpoint import checkpoint_inputs
+
+            return checkpoint_inputs(path)
         if path.suffix in (".yaml", ".yml"):
             return spec_file_inputs(path)
         if isinstance(source, str) and (conf_dir() / "model" / f"{source}.yaml").is_file():

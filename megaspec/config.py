@@ -13,6 +13,18 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
 Activation = Literal["gelu", "gelu_tanh", "relu", "squared_relu", "silu", "quick_gelu"]
 
 
+class RopeScaling(BaseModel):
+    """Llama-3.1 RoPE frequency scaling (HF `rope_type: llama3`): long wavelengths slowed by `factor`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: PositiveInt = 8192
+
+
 class TransformerConfig(BaseModel):
     """Immutable, validated model hyper-parameters (Megatron-Core names)."""
 
@@ -36,11 +48,19 @@ class TransformerConfig(BaseModel):
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
-    position_embedding_type: Literal["learned_absolute", "rope", "none"] = "learned_absolute"
+    position_embedding_type: Literal["learned_absolute", "rope", "relative", "none"] = "learned_absolute"
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     rotary_interleaved: bool = False
+    # T5 relative position bias: log-spaced distance buckets, the last one holding every
+    # distance from max_distance on (Megatron-Core names).
+    relative_attention_num_buckets: PositiveInt = 32
+    relative_attention_max_distance: PositiveInt = 128
     share_embeddings_and_output_weights: bool = True
+    # Vision transformers: square images cut into square patches (read only by patch embeddings).
+    image_size: PositiveInt = 224
+    patch_size: PositiveInt = 16
+    num_channels: PositiveInt = 3
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
@@ -48,6 +68,71 @@ class TransformerConfig(BaseModel):
     # stream by 1/sqrt(2 * num_layers), as GPT-2 does.
     scaled_output_init: bool = True
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Llama-3.1 long-context RoPE scaling; None: plain RoPE.
+    rope_scaling: RopeScaling | None = None
+    # Sliding-window attention (Megatron's, flash-attn's convention): a query at i
+    # sees keys i - left .. i + right; -1 is unbounded. Mistral's window W is (W - 1, 0).
+    window_size: tuple[int, int] | None = None
+
+    # Mixture of experts (Megatron-Core names); inert while num_moe_experts is None.
+    num_moe_experts: PositiveInt | None = None
+    moe_router_topk: PositiveInt = 2
+    moe_ffn_hidden_size: PositiveInt | None = None  # None: ffn_hidden_size
+    moe_shared_expert_intermediate_size: PositiveInt | None = None  # None: no shared experts
+    moe_shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(x . w)
+    # Which layers are MoE: every N-th (layer i when i % N == 0), or one 0/1 per layer.
+    moe_layer_freq: PositiveInt | list[int] = 1
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (no renormalising)
+    moe_router_topk_scaling_factor: float | None = None
+    # Group-limited routing (DeepSeek-V3): top-k only among the best `group_topk` of `num_groups` groups.
+    moe_router_num_groups: PositiveInt | None = None
+    moe_router_group_topk: PositiveInt | None = None
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias that steers selection, not weights.
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_aux_loss_coeff: float = 0.0  # switch-style load-balancing loss
+    moe_z_loss_coeff: float | None = None  # router z-loss (ST-MoE)
+    moe_expert_capacity_factor: float | None = None  # None: dropless
+    moe_token_drop_policy: Literal["probs", "position"] = "probs"  # which tokens over capacity to drop
+
+    @model_validator(mode="after")
+    def _moe_rules(self) -> TransformerConfig:
+        freq = self.moe_layer_freq
+        if isinstance(freq, list):
+            if len(freq) != self.num_layers:
+                raise ValueError(f"moe_layer_freq lists {len(freq)} layers but num_layers is {self.num_layers}")
+            if any(v not in (0, 1) for v in freq):
+                raise ValueError(f"moe_layer_freq as a list holds one 0 (dense) or 1 (MoE) per layer, got {freq}")
+        experts = self.num_moe_experts
+        if experts is None:
+            return self
+        if self.moe_router_topk > experts:
+            raise ValueError(f"moe_router_topk ({self.moe_router_topk}) must be <= num_moe_experts ({experts})")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            raise ValueError("moe_router_num_groups and moe_router_group_topk are set together or not at all")
+        if groups is not None and group_topk is not None:
+            if experts % groups:
+                raise ValueError(f"moe_router_num_groups ({groups}) must divide num_moe_experts ({experts})")
+            if group_topk > groups:
+                raise ValueError(f"moe_router_group_topk ({group_topk}) must be <= moe_router_num_groups ({groups})")
+            if not group_topk <= self.moe_router_topk <= group_topk * (experts // groups):
+                raise ValueError(
+                    f"moe_router_topk ({self.moe_router_topk}) must be between moe_router_group_topk "
+                    f"({group_topk}) and the experts in the chosen groups ({group_topk * (experts // groups)})")
+        if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
+            raise ValueError("moe_router_pre_softmax applies only to moe_router_score_function 'softmax'")
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            raise ValueError("moe_router_enable_expert_bias needs moe_router_score_function 'sigmoid'")
+        if self.moe_expert_capacity_factor is not None and self.moe_expert_capacity_factor <= 0:
+            raise ValueError(f"moe_expert_capacity_factor must be positive or None, got {self.moe_expert_capacity_factor}")
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            if (getattr(self, name) or 0.0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            raise ValueError("moe_shared_expert_gate needs moe_shared_expert_intermediate_size (the shared experts)")
+        return self
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TransformerConfig:
@@ -70,8 +155,12 @@ class TransformerConfig(BaseModel):
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.window_size is not None and min(self.window_size) < -1:
+            raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {self.window_size}")
         if self.layernorm_epsilon <= 0:
             raise ValueError(f"layernorm_epsilon must be positive, got {self.layernorm_epsilon}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
         return self
 
     # Derived sizes: read these rather than the Optional fields above.
@@ -94,6 +183,31 @@ class TransformerConfig(BaseModel):
     def rotary_dim(self) -> int:
         """Channels per head that RoPE rotates."""
         return int(self.head_dim * self.rotary_percent)
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image (vision transformers): (image_size / patch_size)^2."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def moe_ffn_size(self) -> int:
+        """Hidden width of each routed expert's MLP."""
+        return self.moe_ffn_hidden_size or self.ffn_size
+
+    @property
+    def moe_layer_pattern(self) -> list[str]:
+        """'moe' or 'dense' per layer, from moe_layer_freq (all 'dense' without num_moe_experts).
+
+        A spec's layer list can follow it: `layers: {pattern: moe_layer_pattern, nodes: {dense: ..., moe: ...}}`.
+        """
+        freq = self.moe_layer_freq
+        if self.num_moe_experts is None:
+            flags = [0] * self.num_layers
+        elif isinstance(freq, list):
+            flags = freq
+        else:  # Megatron's convention: layer i is MoE when i % N == 0
+            flags = [int(i % freq == 0) for i in range(self.num_layers)]
+        return ["moe" if f else "dense" for f in flags]
 
     def updated(self, **changes: Any) -> TransformerConfig:
         """Return a re-validated copy with `changes` applied (subtree overrides)."""

@@ -24,6 +24,7 @@ KINDS: tuple[str, ...] = (
     "model",
     "embedding",
     "position_embedding",
+    "attention_bias",
     "block",
     "layer",
     "attention",

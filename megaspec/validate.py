@@ -28,8 +28,10 @@ def validate_file(path: str | Path, model: str | None = None) -> tuple[list[Prob
         return exc.problems, ""
     except Exception as exc:  # a shape mismatch between slots surfaces here
         return [Problem(f"meta forward failed: {type(exc).__name__}: {exc}", "<root>", shown, spec.line)], ""
-    logits = getattr(out, "logits", None)
-    shape = f", output {tuple(logits.shape)}" if logits is not None else ""
+    main = getattr(out, "logits", None)
+    if main is None:
+        main = getattr(out, "last_hidden_state", None)
+    shape = f", output {tuple(main.shape)}" if main is not None else ""
     return [], f"{count_parameters(built):,} parameters, meta forward ok{shape}"
 
 

@@ -42,9 +42,7 @@ def build_gpt(config: TransformerConfig, llama: bool, core_attention: type[nn.Mo
     linear = functools.partial(Linear, config)
 
     def layer() -> TransformerLayer:
-        attention = SelfAttention(
-            config, linear_qkv=linear, core_attention=core_attention(config), linear_proj=linear
-        )
+        attention = SelfAttention(config, linear_qkv=linear, core_attention=core_attention(config), linear_proj=linear)
         mlp = MLP(config, linear_fc1=linear, linear_fc2=linear, activation=activation(config))
         return TransformerLayer(
             config,
@@ -54,9 +52,7 @@ def build_gpt(config: TransformerConfig, llama: bool, core_attention: type[nn.Mo
             mlp=mlp,
         )
 
-    decoder = TransformerBlock(
-        config, layers=[layer() for _ in range(config.num_layers)], final_layernorm=norm(config)
-    )
+    decoder = TransformerBlock(config, layers=[layer() for _ in range(config.num_layers)], final_layernorm=norm(config))
     position = RotaryEmbedding(config) if llama else LearnedPositionEmbedding(config)
     return GPTModel(
         config,

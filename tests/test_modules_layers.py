@@ -150,7 +150,9 @@ def test_linear_init() -> None:
     cfg = config(num_layers=8, init_method_std=0.02)
     plain = initialised(Linear(cfg, in_features=256, out_features=512))
     output = initialised(Linear(cfg, in_features=256, out_features=512, output_proj=True))
-    unscaled = initialised(Linear(config(scaled_output_init=False), in_features=256, out_features=512, output_proj=True))
+    unscaled = initialised(
+        Linear(config(scaled_output_init=False), in_features=256, out_features=512, output_proj=True)
+    )
     assert plain.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert output.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.02)
     assert unscaled.weight.std().item() == pytest.approx(0.02, rel=0.02)

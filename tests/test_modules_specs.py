@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-import megaspec.models  # noqa: F401  (registers the built-in models)
+import megaspec.models
 import megaspec.modules  # noqa: F401  (registers the built-in modules)
 from megaspec.config import TransformerConfig
 from megaspec.modules.attention import SelfAttention

@@ -51,18 +51,24 @@ class GPTModel(nn.Module):
         self.position_embedding = position_embedding
         self.decoder = decoder
         self.output_layer = output_layer
+        # Modules that leave an `aux_loss` tensor after each forward (MoE layers), found once
+        # here so that forward sums a fixed list: no module walk per step, compile-friendly.
+        self.aux_loss_modules = [m for m in self.modules() if hasattr(m, "aux_loss")]
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids [b, s]; attention_mask [b, s] (1 = token, 0 = pad); labels [b, s], shifted here."""
-        hidden_states = self.embedding(input_ids)  # [b, s, h]
+        """input_ids [b, s] (or inputs_embeds [b, s, h], e.g. with image features spliced in);
+        attention_mask [b, s] (1 = token, 0 = pad); labels [b, s], shifted here."""
+        # [b, s, h]
+        hidden_states = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
-            position_ids = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)  # [1, s]
+            position_ids = torch.arange(hidden_states.size(1), device=hidden_states.device).unsqueeze(0)  # [1, s]
         rotary = None
         if self.position_embedding is not None:
             hidden_states, rotary = self.position_embedding(hidden_states, position_ids)
@@ -77,7 +83,10 @@ class GPTModel(nn.Module):
         weight = self.embedding.weight if self.share_embeddings_and_output_weights else None
         logits = self.output_layer(hidden_states, weight)  # [b, s, vocab]
         loss = None if labels is None else causal_lm_loss(logits, labels)
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden_states)
+        aux_loss = sum(m.aux_loss for m in self.aux_loss_modules) if self.aux_loss_modules else None
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden_states, aux_loss=aux_loss)
 
     def example_inputs(self, batch: int = 1, seq: int = 8, device: torch.device | str | None = None) -> dict:
         """Keyword arguments for a forward pass of the given size (shape checks, tracing)."""
@@ -90,6 +99,4 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy: position t predicts labels[t + 1] (so labels=input_ids works)."""
     # Shift the labels, not the logits: slicing [b, s, vocab] logits would copy them.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [b, s]
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

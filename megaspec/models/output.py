@@ -13,3 +13,5 @@ class ModelOutput:
     loss: Tensor | None = None  # scalar, when labels were given
     last_hidden_state: Tensor | None = None  # [b, s, h], after the final norm
     aux_loss: Tensor | None = None  # scalar, auxiliary losses (e.g. MoE load balancing)
+    pooler_output: Tensor | None = None  # [b, h], one vector per sequence (e.g. a class token)
+    encoder_last_hidden_state: Tensor | None = None  # [b, s_enc, h], an encoder-decoder's encoder output

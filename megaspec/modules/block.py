@@ -2,6 +2,7 @@
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
@@ -9,11 +10,35 @@ from megaspec.modules.embedding import Rotary
 from megaspec.registry import Slot, register
 
 
+def add_attention_bias(bias: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """A bias [1, nh, sq, sk] with a mask folded in, as one additive float mask [b, nh, sq, sk].
+
+    A boolean mask's False entries become the dtype's most negative value rather
+    than -inf, so a query that may attend nowhere gets a uniform softmax, not NaN.
+    """
+    if attention_mask is None:
+        return bias
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, bias, torch.finfo(bias.dtype).min)
+    return bias + attention_mask
+
+
 @register("block", "transformer_block")
 class TransformerBlock(nn.Module):
-    """layers[0] .. layers[n-1], then final_layernorm (Megatron keeps the final norm here)."""
+    """layers[0] .. layers[n-1], then final_layernorm (Megatron keeps the final norm here).
+
+    An optional `attention_bias` (T5's relative position bias) is computed once
+    per forward and added to every layer's self-attention scores: the whole stack
+    shares one table, as in T5, where only layer 0 owns it. Its module is called
+    as `attention_bias(query_length, key_length) -> [1, nh, sq, sk]`.
+    """
+
+    # Sequence parallelism (megaspec.parallel.plans): the residual stream is split over the
+    # sequence from the first layer to the final norm.
+    tp_plan: ClassVar[dict[str, str]] = {"": "scatter_sequence", "final_layernorm": "sequence_parallel"}
 
     slots: ClassVar[dict[str, Slot]] = {
+        "attention_bias": Slot("attention_bias", required=False),
         "layers": Slot("layer", many=True, count="num_layers"),
         "final_layernorm": Slot("norm", required=False),
     }
@@ -22,10 +47,12 @@ class TransformerBlock(nn.Module):
         self,
         config: TransformerConfig,
         *,
+        attention_bias: nn.Module | None = None,
         layers: list[nn.Module],
         final_layernorm: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.attention_bias = attention_bias
         self.layers = nn.ModuleList(layers)
         self.final_layernorm = nn.Identity() if final_layernorm is None else final_layernorm
 
@@ -37,6 +64,10 @@ class TransformerBlock(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:  # [b, s, h] -> [b, s, h]
+        if self.attention_bias is not None:
+            s = hidden_states.size(1)
+            bias = self.attention_bias(s, s).to(hidden_states.dtype)  # [1, nh, s, s]
+            attention_mask = add_attention_bias(bias, attention_mask)  # [b or 1, nh, s, s]
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask, rotary, context, context_mask)
         return self.final_layernorm(hidden_states)

@@ -7,11 +7,15 @@ rotary kinds return the hidden states unchanged and the `(cos, sin)` pair the
 attention layers apply to queries and keys.
 """
 
+import math
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveInt
 from torch import Tensor, nn
 
-from megaspec.config import TransformerConfig
+from megaspec.config import RopeScaling, TransformerConfig
 from megaspec.modules.utils import init_normal_, params_dtype
 from megaspec.registry import register
 
@@ -22,12 +26,12 @@ Rotary = tuple[Tensor, Tensor]
 class VocabEmbedding(nn.Module):
     """Token ids -> vectors. `weight` is public: a tied output layer reads it."""
 
+    tp_plan: ClassVar[dict[str, str]] = {"": "vocab_parallel_embedding"}  # rows split over ranks
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.init_std = config.init_method_std
-        self.weight = nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=params_dtype(config))
-        )
+        self.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=params_dtype(config)))
 
     def init_weights(self) -> None:
         """Weight ~ N(0, init_method_std)."""
@@ -35,6 +39,23 @@ class VocabEmbedding(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:  # [b, s] -> [b, s, h]
         return F.embedding(input_ids, self.weight)
+
+
+@register("embedding", "token_type_embedding")
+class TokenTypeEmbedding(nn.Module):
+    """Segment ids (sentence A / B) -> vectors, added to the token embeddings (BERT)."""
+
+    def __init__(self, config: TransformerConfig, *, num_token_types: PositiveInt = 2) -> None:
+        super().__init__()
+        self.init_std = config.init_method_std
+        self.weight = nn.Parameter(torch.empty(num_token_types, config.hidden_size, dtype=params_dtype(config)))
+
+    def init_weights(self) -> None:
+        """Weight ~ N(0, init_method_std)."""
+        init_normal_(self.weight, self.init_std)
+
+    def forward(self, token_type_ids: Tensor) -> Tensor:  # [b, s] -> [b, s, h]
+        return F.embedding(token_type_ids, self.weight)
 
 
 @register("position_embedding", "learned_position_embedding")
@@ -66,6 +87,7 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = config.rotary_dim
         self.base = config.rotary_base
         self.interleaved = config.rotary_interleaved
+        self.scaling = config.rope_scaling
         # Not persistent: it is a pure function of the config, so checkpoints need not
         # carry it, and init_weights recomputes it after a meta-device build.
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
@@ -73,7 +95,8 @@ class RotaryEmbedding(nn.Module):
     def _inv_freq(self, device: torch.device | None = None) -> Tensor:
         # base^(-2i/dim), computed in fp32 as HF Llama does, so the tables match bit for bit.
         exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device=device).float()
-        return 1.0 / (self.base ** (exponents / self.rotary_dim))  # [rot/2]
+        inv_freq = 1.0 / (self.base ** (exponents / self.rotary_dim))  # [rot/2]
+        return inv_freq if self.scaling is None else llama3_scaled(inv_freq, self.scaling)
 
     def init_weights(self) -> None:
         """Recompute `inv_freq` (it holds garbage after `to_empty`)."""
@@ -94,6 +117,20 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rotary_dim={self.rotary_dim}, base={self.base}, interleaved={self.interleaved}"
+
+
+def llama3_scaled(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
+    """Llama-3.1 frequency scaling: slow wavelengths beyond the original context by `factor`."""
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor  # longer than this: divide by factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor  # shorter than this: unchanged
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    # In between, blend the two smoothly so no frequency jumps.
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 def _rotate_half(x: Tensor) -> Tensor:

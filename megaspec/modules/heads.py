@@ -1,5 +1,7 @@
 """Output heads: hidden states -> per-token scores."""
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,15 +20,15 @@ class LMHead(nn.Module):
     so the tie survives meta-device builds and `to_empty`, and is counted once.
     """
 
+    tp_plan: ClassVar[dict[str, str]] = {"": "vocab_parallel_output"}  # rows split over ranks, logits gathered
+
     def __init__(self, config: TransformerConfig, *, bias: bool = False) -> None:
         super().__init__()
         self.init_std = config.init_method_std
         self.vocab_size = config.vocab_size
         dtype = params_dtype(config)
         tied = config.share_embeddings_and_output_weights
-        self.weight = (
-            None if tied else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
-        )
+        self.weight = None if tied else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(config.vocab_size, dtype=dtype)) if bias else None
 
     def init_weights(self) -> None:

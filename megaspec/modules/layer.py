@@ -17,19 +17,31 @@ def _or_identity(module: nn.Module | None) -> nn.Module:
 
 @register("layer", "transformer_layer")
 class TransformerLayer(nn.Module):
-    """x = x + drop(attn(norm(x))); x = x + drop(cross(norm(x), context)); x = x + drop(mlp(norm(x))).
+    """x = post(x + drop(attn(pre(x)))) for each branch: self-attention, cross-attention, MLP.
 
     Slot names are Megatron-Core's. An empty attention, cross-attention or MLP slot
-    skips that residual branch; an empty norm slot is the identity.
+    skips that residual branch; an empty norm slot is the identity. Where the norm
+    sits is the spec's choice, not a code path: pre-LN (GPT, Llama, T5) fills the
+    `input_layernorm`/`pre_*` slots, post-LN (BERT) the `post_*` ones.
     """
+
+    # Sequence parallelism (megaspec.parallel.plans): norms run on this rank's slice of the sequence.
+    tp_plan: ClassVar[dict[str, str]] = {
+        name: "sequence_parallel"
+        for name in ("input_layernorm", "post_self_attn_layernorm", "pre_cross_attn_layernorm",
+                     "post_cross_attn_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm")
+    }
 
     slots: ClassVar[dict[str, Slot]] = {
         "input_layernorm": Slot("norm", required=False),
         "self_attention": Slot("attention", required=False),
+        "post_self_attn_layernorm": Slot("norm", required=False),
         "pre_cross_attn_layernorm": Slot("norm", required=False),
         "cross_attention": Slot("attention", required=False),
+        "post_cross_attn_layernorm": Slot("norm", required=False),
         "pre_mlp_layernorm": Slot("norm", required=False),
         "mlp": Slot(("mlp", "moe"), required=False),
+        "post_mlp_layernorm": Slot("norm", required=False),
     }
 
     def __init__(
@@ -38,19 +50,25 @@ class TransformerLayer(nn.Module):
         *,
         input_layernorm: nn.Module | None = None,
         self_attention: nn.Module | None = None,
+        post_self_attn_layernorm: nn.Module | None = None,
         pre_cross_attn_layernorm: nn.Module | None = None,
         cross_attention: nn.Module | None = None,
+        post_cross_attn_layernorm: nn.Module | None = None,
         pre_mlp_layernorm: nn.Module | None = None,
         mlp: nn.Module | None = None,
+        post_mlp_layernorm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = _or_identity(input_layernorm)
         self.self_attention = self_attention
+        self.post_self_attn_layernorm = _or_identity(post_self_attn_layernorm)
         self.pre_cross_attn_layernorm = _or_identity(pre_cross_attn_layernorm)
         self.cross_attention = cross_attention
+        self.post_cross_attn_layernorm = _or_identity(post_cross_attn_layernorm)
         self.pre_mlp_layernorm = _or_identity(pre_mlp_layernorm)
         self.mlp = mlp
+        self.post_mlp_layernorm = _or_identity(post_mlp_layernorm)
 
     def _residual(self, hidden_states: Tensor, branch: Tensor) -> Tensor:
         return hidden_states + F.dropout(branch, self.hidden_dropout, self.training)
@@ -65,13 +83,14 @@ class TransformerLayer(nn.Module):
     ) -> Tensor:  # [b, s, h] -> [b, s, h]
         if self.self_attention is not None:
             x = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary)
-            hidden_states = self._residual(hidden_states, x)
+            hidden_states = self.post_self_attn_layernorm(self._residual(hidden_states, x))
         if self.cross_attention is not None:
             # Queries from the layer, keys and values from `context` [b, sk, h] (an encoder's output).
             x = self.cross_attention(
                 self.pre_cross_attn_layernorm(hidden_states), attention_mask=context_mask, context=context
             )
-            hidden_states = self._residual(hidden_states, x)
+            hidden_states = self.post_cross_attn_layernorm(self._residual(hidden_states, x))
         if self.mlp is not None:
-            hidden_states = self._residual(hidden_states, self.mlp(self.pre_mlp_layernorm(hidden_states)))
+            x = self.mlp(self.pre_mlp_layernorm(hidden_states))
+            hidden_states = self.post_mlp_layernorm(self._residual(hidden_states, x))
         return hidden_states

@@ -13,9 +13,7 @@ from megaspec.registry import register
 class LayerNorm(nn.Module):
     """LayerNorm with a learned scale and bias (GPT-2, BERT)."""
 
-    def __init__(
-        self, config: TransformerConfig, *, hidden_size: int | None = None, eps: float | None = None
-    ) -> None:
+    def __init__(self, config: TransformerConfig, *, hidden_size: int | None = None, eps: float | None = None) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size if hidden_size is None else hidden_size
         self.eps = config.layernorm_epsilon if eps is None else eps
@@ -39,9 +37,7 @@ class LayerNorm(nn.Module):
 class RMSNorm(nn.Module):
     """RMSNorm: scale by the root mean square, no centring and no bias (Llama, T5)."""
 
-    def __init__(
-        self, config: TransformerConfig, *, hidden_size: int | None = None, eps: float | None = None
-    ) -> None:
+    def __init__(self, config: TransformerConfig, *, hidden_size: int | None = None, eps: float | None = None) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size if hidden_size is None else hidden_size
         self.eps = config.layernorm_epsilon if eps is None else eps
@@ -70,8 +66,6 @@ class Norm(nn.Module):
         impl = RMSNorm if config.normalization == "RMSNorm" else LayerNorm
         return impl(config, hidden_size=hidden_size, eps=eps)
 
-    def __init__(
-        self, config: TransformerConfig, *, hidden_size: int | None = None, eps: float | None = None
-    ) -> None:
+    def __init__(self, config: TransformerConfig, *, hidden_size: int | None = None, eps: float | None = None) -> None:
         # Never runs (__new__ returns another class); it declares the params schema.
         super().__init__()

@@ -1,0 +1,251 @@
+"""Llama and Mistral (HF `LlamaForCausalLM`, `MistralForCausalLM`) <-> specs/llama.yaml.
+
+Mistral is Llama plus a sliding attention window (config.window_size); both
+share the layout, the config fields and the tensor rules below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megaspec.config import TransformerConfig
+from megaspec.errors import SpecError
+from megaspec.interop.hf.core import (
+    Family,
+    Rule,
+    activation,
+    concat,
+    fuse_qkv,
+    halves,
+    hf_activation,
+    rule,
+    shipped_spec,
+    split_qkv,
+    token_ids,
+    unsupported,
+)
+from megaspec.resolve import Configs
+
+
+def rope_parameters(c: Any) -> dict[str, Any]:
+    """The HF config's RoPE settings as one dict (transformers 5 `rope_parameters`, or 4's fields)."""
+    params = getattr(c, "rope_parameters", None)
+    if params:
+        return dict(params)
+    scaling = dict(getattr(c, "rope_scaling", None) or {})
+    scaling.setdefault("rope_type", scaling.pop("type", "default"))
+    return {"rope_theta": getattr(c, "rope_theta", 10000.0), **scaling}
+
+
+def rope_fields(c: Any, architecture: str) -> dict[str, Any]:
+    """TransformerConfig RoPE fields from an HF config; other RoPE types are a clear error."""
+    rope = rope_parameters(c)
+    kind = rope.get("rope_type", "default")
+    unsupported(architecture, partial_rotary_factor=(rope.get("partial_rotary_factor", 1.0), 1.0))
+    fields: dict[str, Any] = {"rotary_base": float(rope["rope_theta"])}
+    if kind == "llama3":
+        fields["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": rope["factor"],
+            "low_freq_factor": rope["low_freq_factor"],
+            "high_freq_factor": rope["high_freq_factor"],
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+        }
+    elif kind != "default":
+        raise SpecError(f"unsupported {architecture} configuration: rope_type '{kind}' "
+                        "(megaspec supports 'default' and 'llama3')")
+    return fields
+
+
+def hf_rope(cfg: TransformerConfig) -> dict[str, Any]:
+    """TransformerConfig RoPE fields -> HF `rope_parameters`."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    if cfg.rope_scaling is not None:
+        rope.update(cfg.rope_scaling.model_dump())
+    return rope
+
+
+class Llama(Family):
+    """Llama 1-3 (grouped-query attention, SwiGLU, RMSNorm, RoPE with optional Llama-3.1 scaling)."""
+
+    name = "llama"
+    model_types = ("llama",)
+    hf_class = "LlamaForCausalLM"
+    requires = ("gpt_model",)
+    architecture = "Llama"
+
+    def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        attention_bias = getattr(c, "attention_bias", False)
+        unsupported(self.architecture, mlp_bias=(getattr(c, "mlp_bias", False), attention_bias))
+        act = activation(c.hidden_act, self.architecture)
+        spec = shipped_spec("llama")
+        spec["submodules"]["decoder"]["submodules"]["layers"]["submodules"]["mlp"]["submodules"]["activation"] = act
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        config = {
+            "num_layers": c.num_hidden_layers,
+            "hidden_size": c.hidden_size,
+            "num_attention_heads": c.num_attention_heads,
+            "num_query_groups": c.num_key_value_heads or c.num_attention_heads,
+            "kv_channels": None if head_dim * c.num_attention_heads == c.hidden_size else head_dim,
+            "ffn_hidden_size": c.intermediate_size,
+            "vocab_size": c.vocab_size,
+            "max_position_embeddings": c.max_position_embeddings,
+            "normalization": "RMSNorm",
+            "layernorm_epsilon": c.rms_norm_eps,
+            "activation": act,
+            "gated_linear_unit": True,
+            "add_bias_linear": attention_bias,
+            "position_embedding_type": "rope",
+            **rope_fields(c, self.architecture),
+            "share_embeddings_and_output_weights": c.tie_word_embeddings,
+            "hidden_dropout": 0.0,
+            "attention_dropout": c.attention_dropout,
+            "init_method_std": c.initializer_range,
+        }
+        return spec, config
+
+    def hf_kwargs(self, cfg: TransformerConfig) -> dict[str, Any]:
+        """Keyword arguments of the HF config class."""
+        return {
+            "num_hidden_layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.query_groups,
+            "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.ffn_size,
+            "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "rms_norm_eps": cfg.layernorm_epsilon,
+            "hidden_act": hf_activation(cfg.activation),
+            "rope_parameters": hf_rope(cfg),
+            "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
+            "attention_dropout": cfg.attention_dropout,
+            "initializer_range": cfg.init_method_std,
+            **token_ids(cfg.vocab_size, bos_token_id=1, eos_token_id=2),
+        }
+
+    def hf_config(self, configs: Configs) -> Any:
+        import transformers
+
+        cfg = configs[""]
+        bias = cfg.add_bias_linear
+        return transformers.LlamaConfig(**self.hf_kwargs(cfg), attention_bias=bias, mlp_bias=bias)
+
+    def rules(self, configs: Configs) -> list[Rule]:
+        return decoder_rules(configs[""])
+
+
+def decoder_rules(cfg: TransformerConfig, mlp: bool = True) -> list[Rule]:
+    """Tensor rules of the Llama layout (`model.layers.{i}` <-> `decoder.layers.{i}`), MLP optional."""
+    heads, groups = cfg.num_attention_heads, cfg.query_groups
+
+    def to_ours(q: Any, k: Any, v: Any) -> tuple[Any]:
+        return (fuse_qkv(q, k, v, groups),)
+
+    def to_hf(w: Any) -> tuple[Any, ...]:
+        return split_qkv(w, heads, groups)
+
+    h, o = "model.layers.{i}.", "decoder.layers.{i}."
+    attn = f"{h}self_attn."
+    params = ("weight", "bias") if cfg.add_bias_linear else ("weight",)
+    rules = [
+        rule("model.embed_tokens.weight", "embedding.weight"),
+        rule("model.norm.weight", "decoder.final_layernorm.weight"),
+        rule(f"{h}input_layernorm.weight", f"{o}input_layernorm.weight"),
+        rule(f"{h}post_attention_layernorm.weight", f"{o}pre_mlp_layernorm.weight"),
+    ]
+    for p in params:
+        rules += [
+            rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
+                 f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf),
+            rule(f"{attn}o_proj.{p}", f"{o}self_attention.linear_proj.{p}"),
+        ]
+        if mlp:
+            rules += [
+                rule((f"{h}mlp.gate_proj.{p}", f"{h}mlp.up_proj.{p}"), f"{o}mlp.linear_fc1.{p}", concat, halves),
+                rule(f"{h}mlp.down_proj.{p}", f"{o}mlp.linear_fc2.{p}"),
+            ]
+    if not cfg.share_embeddings_and_output_weights:
+        rules.append(rule("lm_head.weight", "output_layer.weight"))
+    return rules
+
+
+class Mistral(Llama):
+    """Mistral: Llama's layout with sliding-window attention (HF `sliding_window` W = window_size (W - 1, 0))."""
+
+    name = "mistral"
+    model_types = ("mistral",)
+    hf_class = "MistralForCausalLM"
+    architecture = "Mistral"
+
+    def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        spec, config = super().spec_and_config(c)
+        window = getattr(c, "sliding_window", None)
+        config["window_size"] = None if window is None else (window - 1, 0)
+        return spec, config
+
+    def hf_config(self, configs: Configs) -> Any:
+        import transformers
+
+        cfg = configs[""]
+        window = cfg.window_size
+        if window is not None and (window[1] != 0 or window[0] < 0):
+            raise SpecError(f"HF Mistral's sliding window looks back only: window_size (W - 1, 0), got {window}")
+        unsupported("Mistral", add_bias_linear=(cfg.add_bias_linear, False))
+        return transformers.MistralConfig(**self.hf_kwargs(cfg),
+                                          sliding_window=None if window is None else window[0] + 1)
+
+
+class Mixtral(Mistral):
+    """Mixtral: Mistral with every MLP a sparse mixture of SwiGLU experts (specs/mixtral.yaml).
+
+    HF stacks the experts as ours are stored: gate_up_proj [E, gate | up, h] is
+    fc1_weight and down_proj [E, h, ffn] is fc2_weight, so they move unchanged.
+    """
+
+    name = "mixtral"
+    model_types = ("mixtral",)
+    hf_class = "MixtralForCausalLM"
+    requires = ("gpt_model", "moe", "topk_router", "grouped_experts")
+    architecture = "Mixtral"
+
+    def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        unsupported(self.architecture, router_jitter_noise=(c.router_jitter_noise, 0.0))
+        _, config = super().spec_and_config(c)
+        spec = shipped_spec("mixtral")
+        act = config["activation"]
+        for node in spec["submodules"]["decoder"]["submodules"]["layers"]["nodes"].values():
+            if node["submodules"]["mlp"]["module"] == "mlp":
+                node["submodules"]["mlp"]["submodules"]["activation"] = act
+        config.update(
+            num_moe_experts=c.num_local_experts,
+            moe_router_topk=c.num_experts_per_tok,
+            moe_ffn_hidden_size=c.intermediate_size,
+            moe_layer_freq=1,
+            # HF adds its load-balancing loss only with output_router_logits; Megatron's loss is HF's / top-k.
+            moe_aux_loss_coeff=c.router_aux_loss_coef * c.num_experts_per_tok if c.output_router_logits else 0.0,
+        )
+        return spec, config
+
+    def hf_config(self, configs: Configs) -> Any:
+        import transformers
+
+        cfg = configs[""]
+        unsupported("Mixtral", moe_layer_freq=(cfg.moe_layer_freq, 1),
+                    moe_ffn_hidden_size=(cfg.moe_ffn_hidden_size, cfg.ffn_size))
+        mistral = super().hf_config(configs)
+        window = getattr(mistral, "sliding_window", None)
+        coeff = cfg.moe_aux_loss_coeff / cfg.moe_router_topk
+        return transformers.MixtralConfig(
+            **self.hf_kwargs(cfg), sliding_window=window, num_local_experts=cfg.num_moe_experts,
+            num_experts_per_tok=cfg.moe_router_topk, output_router_logits=coeff > 0,
+            router_aux_loss_coef=coeff if coeff > 0 else 0.001,
+        )
+
+    def rules(self, configs: Configs) -> list[Rule]:
+        h, o = "model.layers.{i}.mlp.", "decoder.layers.{i}.mlp."
+        return decoder_rules(configs[""], mlp=False) + [
+            rule(f"{h}gate.weight", f"{o}router.weight"),
+            rule(f"{h}experts.gate_up_proj", f"{o}experts.fc1_weight"),
+            rule(f"{h}experts.down_proj", f"{o}experts.fc2_weight"),
+        ]

@@ -1,0 +1,88 @@
+"""Cross-attention: queries from the layer, keys and values from a context (an encoder's output)."""
+
+from collections.abc import Callable
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from megaspec.config import TransformerConfig
+from megaspec.registry import Slot, register
+
+
+@register("attention", "cross_attention")
+class CrossAttention(nn.Module):
+    """Multi-head (or grouped-query) attention of hidden states [b, sq, h] over a context [b, sk, h].
+
+    Megatron-Core's layout: `linear_q` projects the queries, `linear_kv` the keys and
+    values together, its rows ordered group by group as [k_0, v_0 | k_1, v_1 | ...],
+    so a run of groups is a self-contained tensor-parallel shard. It fills a
+    TransformerLayer's `cross_attention` slot, which passes the encoder output as
+    `context` and the encoder's padding mask as `attention_mask`.
+    """
+
+    # Tensor parallelism (megaspec.parallel.plans): whole heads and query groups per rank.
+    tp_plan: ClassVar[dict[str, str]] = {
+        "linear_q": "colwise",
+        "linear_kv": "colwise",
+        "linear_proj": "rowwise",
+        "num_heads": "per_rank",
+        "num_query_groups": "per_rank",
+    }
+
+    slots: ClassVar[dict[str, Slot]] = {
+        "linear_q": Slot("linear", provides=("in_features", "out_features", "bias")),
+        "linear_kv": Slot("linear", provides=("in_features", "out_features", "bias")),
+        "core_attention": Slot("core_attention"),
+        "linear_proj": Slot("linear", provides=("in_features", "out_features", "bias", "output_proj")),
+    }
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *,
+        linear_q: Callable[..., nn.Module],
+        linear_kv: Callable[..., nn.Module],
+        core_attention: nn.Module,
+        linear_proj: Callable[..., nn.Module],
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_query_groups = config.query_groups
+        self.head_dim = config.head_dim
+        bias = config.add_bias_linear or config.add_qkv_bias
+        self.linear_q = linear_q(
+            in_features=config.hidden_size, out_features=self.num_heads * self.head_dim, bias=bias
+        )
+        self.linear_kv = linear_kv(
+            in_features=config.hidden_size, out_features=2 * self.num_query_groups * self.head_dim, bias=bias
+        )
+        self.core_attention = core_attention
+        self.linear_proj = linear_proj(
+            in_features=self.num_heads * self.head_dim,
+            out_features=config.hidden_size,
+            bias=config.add_bias_linear,
+            output_proj=True,
+        )
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, context: Tensor | None = None
+    ) -> Tensor:
+        if context is None:
+            raise ValueError("cross-attention needs a context (the encoder output); none was passed")
+        b, sq, _ = hidden_states.shape
+        sk = context.size(1)
+        query = self.linear_q(hidden_states).view(b, sq, self.num_heads, self.head_dim)  # [b, sq, nh, d]
+        kv = self.linear_kv(context).view(b, sk, self.num_query_groups, 2, self.head_dim)
+        key, value = kv.unbind(dim=3)  # [b, sk, ng, d] each
+        out = self.core_attention(
+            query.transpose(1, 2),  # [b, nh, sq, d]
+            key.transpose(1, 2),  # [b, ng, sk, d]
+            value.transpose(1, 2),  # [b, ng, sk, d]
+            attention_mask,  # [b, 1, 1, sk]: which context tokens exist
+            False,  # every query may read the whole context
+        )  # [b, nh, sq, d]
+        out = out.transpose(1, 2).reshape(b, sq, self.num_heads * self.head_dim)  # [b, sq, nh * d]
+        return self.linear_proj(out)  # [b, sq, h]
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, query_groups={self.num_query_groups}, head_dim={self.head_dim}"
