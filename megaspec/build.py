@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from megaspec.config import TransformerConfig
+from megaspec.config import DTYPES, TransformerConfig
 from megaspec.errors import Problem, SpecError
+from megaspec.init import batched_init
 from megaspec.resolve import Configs, Resolved, make_configs, resolve
 from megaspec.spec import ModuleSpec
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModuleFactory:
@@ -78,7 +78,7 @@ def init_weights(model: nn.Module) -> None:
 def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
     """Allocate a meta-built model's storage on `device` and initialise it."""
     model.to_empty(device=device)
-    with torch.no_grad():
+    with torch.no_grad(), batched_init():
         init_weights(model)
     return model
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+
+# params_dtype names -> torch dtypes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "squared_relu", "silu", "quick_gelu"]
 
@@ -126,7 +130,9 @@ class TransformerConfig(BaseModel):
         if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
             raise ValueError("moe_router_enable_expert_bias needs moe_router_score_function 'sigmoid'")
         if self.moe_expert_capacity_factor is not None and self.moe_expert_capacity_factor <= 0:
-            raise ValueError(f"moe_expert_capacity_factor must be positive or None, got {self.moe_expert_capacity_factor}")
+            raise ValueError(
+                f"moe_expert_capacity_factor must be positive or None, got {self.moe_expert_capacity_factor}"
+            )
         for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
             if (getattr(self, name) or 0.0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

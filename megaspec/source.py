@@ -57,8 +57,8 @@ class SourceMap:
         return SourceMap(self.file, lines, values, self.composed)
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader: plain data only, so a spec file can never run code."""
+class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """SafeLoader (libyaml's when installed, ~10x faster): plain data only, so a spec file can never run code."""
 
 
 def _walk(loader: _LineLoader, node: yaml.Node, path: Key, smap: SourceMap) -> Any:

@@ -113,7 +113,8 @@ def test_shared_experts_with_sigmoid_gate() -> None:
 
 def test_shared_experts_slot_must_agree_with_the_config() -> None:
     config = moe_config(moe_shared_expert_intermediate_size=20)
-    with pytest.raises(ValueError, match="moe_shared_expert_intermediate_size is set but the shared_experts slot is empty"):
+    message = "moe_shared_expert_intermediate_size is set but the shared_experts slot is empty"
+    with pytest.raises(ValueError, match=message):
         MoELayer(config, router=TopKRouter(config), experts=GroupedExperts(config))
 
 

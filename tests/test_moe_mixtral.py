@@ -133,7 +133,6 @@ def test_logits_and_expert_choices_match_hf(experts: type[nn.Module]) -> None:
 
 
 def test_loss_and_aux_loss_match_hf() -> None:
-    transformers = pytest.importorskip("transformers")
     ours, hf = tiny_pair(aux_coef=0.02)
     input_ids = torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -147,7 +146,6 @@ def test_loss_and_aux_loss_match_hf() -> None:
     torch.testing.assert_close(got.aux_loss, 0.02 * sum(per_layer), atol=1e-6, rtol=1e-5)
     lm_loss = want.loss - 0.02 * want.aux_loss
     torch.testing.assert_close(got.loss, lm_loss + got.aux_loss, atol=1e-5, rtol=0)
-    assert transformers  # imported for the skip
 
 
 def test_cli_builds_tiny_mixtral(tmp_path: Path) -> None:
@@ -175,3 +173,16 @@ def test_moe_without_experts_is_a_located_error() -> None:
         "command line: decoder.layers[*].mlp.router: building 'topk_router' (TopKRouter) failed: "
         "ValueError: topk_router needs config.num_moe_experts (the number of routed experts)"
     )
+
+
+def test_shared_experts_through_the_spec() -> None:
+    moe = "model.spec.submodules.decoder.submodules.layers.nodes.moe.submodules.mlp.submodules"
+    cfg = compose([*TINY, "+model.config.moe_shared_expert_intermediate_size=32",
+                   "+model.config.moe_shared_expert_gate=true", f"+{moe}.shared_experts=shared_expert_mlp"])  # fmt: skip
+    model = build_model(cfg)
+    shared = model.decoder.layers[0].mlp.shared_experts
+    assert shared.linear_fc1.weight.shape == (64, 64) and shared.gate_weight.shape == (1, 64)
+    # 64 * 64 (fc1, gated 2 x 32) + 32 * 64 (fc2) + 64 (gate), in each of the 2 layers.
+    plain = n_params(build_model(compose(TINY), device="meta"))
+    assert n_params(model) == plain + 2 * (64 * 64 + 32 * 64 + 64)
+    assert model(**model.example_inputs(batch=2, seq=8)).logits.shape == (2, 8, VOCAB)

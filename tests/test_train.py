@@ -138,3 +138,19 @@ def test_train_help_template_is_one_valid_override():
 
     (override,) = OverridesParser.create().parse_overrides([f"hydra.help.template='{TRAIN_HELP}'"])
     assert override.value() == TRAIN_HELP
+
+
+def test_expert_parallel_checkpoints_are_refused_before_training():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from megaspec.parallel import ParallelConfig
+    from megaspec.train.checkpoint import check_saveable
+
+    model = nn.Linear(2, 2)
+    model.megaspec_parallel = SimpleNamespace(config=ParallelConfig(expert_model_parallel_size=2))
+    with pytest.raises(SpecError, match=r"checkpoints of expert-parallel runs \(expert_model_parallel_size > 1\)"):
+        check_saveable(model)
+    model.megaspec_parallel = SimpleNamespace(config=ParallelConfig(data_parallel_size=2))
+    check_saveable(model)

@@ -47,8 +47,20 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def check_saveable(model: nn.Module) -> None:
+    """Refuse layouts whose DCP checkpoint would be wrong, before any step is spent."""
+    layout = getattr(model, "megaspec_parallel", None)
+    if layout is not None and layout.config.expert_model_parallel_size > 1:
+        # EP experts are rank-local tensors under the same names on every rank: DCP
+        # would merge different experts into one, a silently wrong checkpoint.
+        raise SpecError("checkpoints of expert-parallel runs (expert_model_parallel_size > 1) are not "
+                        "supported yet; train with trainer.save_every=0 trainer.save_final=false "
+                        "trainer.export=false, or without EP")
+
+
 def save(state: TrainState, directory: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write `directory/step_<N>` (every process its shards); returns that path."""
+    check_saveable(state.model)
     path = directory / f"step_{state.step:07d}"
     with warnings.catch_warnings():  # single-process runs: DCP warns that no process group exists
         warnings.filterwarnings("ignore", message=".*torch.distributed is .*")

@@ -228,6 +228,8 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
     optimizer = make_optimizer(model, float(opts["lr"]), float(opts["weight_decay"]),
                                tuple(float(b) for b in opts["betas"]))  # type: ignore[arg-type]
     state = checkpoint.TrainState(model, optimizer)
+    if opts.get("save_every") or opts.get("save_final", True) or opts.get("export", True) or opts.get("resume"):
+        checkpoint.check_saveable(model)
     # Recorded in every checkpoint, so resuming a differently sized model fails with the difference.
     model_config = {name or "config": c.model_dump(mode="json") for name, c in configs.items()}
     if opts.get("resume"):

@@ -58,7 +58,9 @@ class Experts(nn.Module):
             return self.activation(gate) * up
         return self.activation(x)
 
-    def grouped_forward(self, hidden_states: Tensor, probs: Tensor, indices: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    def grouped_forward(
+        self, hidden_states: Tensor, probs: Tensor, indices: Tensor, tokens_per_expert: Tensor
+    ) -> Tensor:
         """All experts at once: rows sorted by expert, one grouped matmul per projection."""
         t, k = indices.shape
         flat = indices.flatten()  # [t * k]
