@@ -125,7 +125,8 @@ def test_save_pretrained_round_trip(tmp_path) -> None:
 def test_shipped_bert_conf_converts() -> None:
     """conf/model/bert.yaml at a tiny size is BertModel; without the pooler and with the head, BertForMaskedLM."""
     tiny = ["model=bert", "model.config.num_layers=2", "model.config.hidden_size=64",
-            "model.config.num_attention_heads=4", "model.config.ffn_hidden_size=128", f"model.config.vocab_size={VOCAB}"]
+            "model.config.num_attention_heads=4", "model.config.ffn_hidden_size=128",
+            f"model.config.vocab_size={VOCAB}"]
     for extra, cls_name in (([], "BertModel"),
                             (["~model.spec.submodules.pooler", "+model.spec.submodules.lm_head=bert_lm_head"],
                              "BertForMaskedLM")):
