@@ -1,4 +1,4 @@
-"""The `megaspec` command: build | validate | list | schema."""
+"""The `megaspec` command: build | train | validate | list | schema | convert."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import json
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from megaspec.errors import SpecError
 
@@ -22,29 +23,35 @@ commands:
 """
 
 
-def _build(argv: list[str]) -> int:
+def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
+               before: Sequence[str] = (), after: Sequence[str] = ()) -> int:
+    """Run `task(cfg, hydra_config)` under hydra.main with conf/ + specs/ and the given overrides."""
     import hydra
 
-    from megaspec.compose import searchpath_override
+    from megaspec.compose import record_sources, searchpath_override
     from megaspec.paths import conf_dir
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
     def run(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
         from hydra.core.hydra_config import HydraConfig
 
-        from megaspec.build_report import build_and_report
-        from megaspec.compose import record_sources
-
-        record_sources(cfg, HydraConfig.get().runtime.choices)
+        hydra_cfg = HydraConfig.get()
+        record_sources(cfg, hydra_cfg.runtime.choices)
         try:
-            build_and_report(cfg)
-        except SpecError as exc:
+            task(cfg, hydra_cfg)
+        except SpecError as exc:  # one readable line, not a traceback
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
 
-    sys.argv = ["megaspec build", searchpath_override(), *argv]
+    sys.argv = [prog, searchpath_override(), *before, *argv, *after]
     run()
     return 0
+
+
+def _build(argv: list[str]) -> int:
+    from megaspec.build_report import build_and_report
+
+    return _run_hydra(argv, "megaspec build", lambda cfg, _: build_and_report(cfg))
 
 
 # No single quotes in here: it reaches Hydra as one quoted override, hydra.help.template='...'.
@@ -69,36 +76,18 @@ $CONFIG"""
 def _train(argv: list[str]) -> int:
     import os
 
-    import hydra
-
-    from megaspec.compose import searchpath_override
-    from megaspec.paths import conf_dir
-
-    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
-    def run(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
-        from hydra.core.hydra_config import HydraConfig
-
-        from megaspec.compose import record_sources
-        from megaspec.train import train
-
-        hydra_cfg = HydraConfig.get()
-        record_sources(cfg, hydra_cfg.runtime.choices)
-        try:
-            train(cfg, run_dir=hydra_cfg.runtime.output_dir)
-        except SpecError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
+    from megaspec.train import train
 
     # Unlike `build`, a run writes files (metrics, loss curve, checkpoints): give it a fresh
     # Hydra run directory. Under torchrun only rank 0 makes one; the others are told its path.
-    run_dir = ["hydra.run.dir=outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}", "hydra.output_subdir=.hydra",
-               "hydra.help.app_name=megaspec train", f"hydra.help.template='{TRAIN_HELP}'"]
     if int(os.environ.get("RANK", "0")) == 0:
-        sys.argv = ["megaspec train", searchpath_override(), *run_dir, *argv]
+        before = ["hydra.run.dir=outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}", "hydra.output_subdir=.hydra",
+                  "hydra.help.app_name=megaspec train", f"hydra.help.template='{TRAIN_HELP}'"]
+        after: list[str] = []
     else:
-        sys.argv = ["megaspec train", searchpath_override(), *argv, "hydra.run.dir=.", "hydra.output_subdir=null"]
-    run()
-    return 0
+        before, after = [], ["hydra.run.dir=.", "hydra.output_subdir=null"]
+    return _run_hydra(argv, "megaspec train", lambda cfg, h: train(cfg, run_dir=h.runtime.output_dir),
+                      before, after)
 
 
 def _list(argv: list[str]) -> int:
@@ -145,7 +134,8 @@ def _convert(argv: list[str]) -> int:
         description="Convert weights between an HF transformers directory and a megaspec checkpoint.")
     parser.add_argument("source", help="an HF save_pretrained directory (or, with --to hf, a megaspec checkpoint)")
     parser.add_argument("output", help="the directory to write")
-    parser.add_argument("--to", choices=("megaspec", "hf"), default="megaspec", help="what to write (default: megaspec)")
+    parser.add_argument("--to", choices=("megaspec", "hf"), default="megaspec",
+                        help="what to write (default: megaspec)")
     args = parser.parse_args(argv)
     from megaspec.checkpoint import load, save
     from megaspec.interop.hf import from_hf, to_hf
@@ -164,7 +154,8 @@ def _validate(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"build": _build, "train": _train, "validate": _validate, "list": _list, "schema": _schema, "convert": _convert}
+COMMANDS = {"build": _build, "train": _train, "validate": _validate, "list": _list, "schema": _schema,
+            "convert": _convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
