@@ -88,13 +88,40 @@ def run_scenario(name: str, out: Path | None = None) -> dict:
     data = batches(family)
     losses = []
     for i in range(STEPS):
-        if name == "fsdp" and out is not None and i == STEPS - 1:
-            save_checkpoint(model, optimizer, out / "ckpt")
+        if name in CHECKPOINTS and out is not None and i == STEPS - 1:
+            save_checkpoint(model, optimizer, out / checkpoint_name(name))
         losses.append(float(step(model, family, data[i])))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     result["losses"] = losses
+    one = out / "ep_ckpt_world1" if out is not None else None
+    if name == "ep" and dist.is_initialized() and one is not None and one.exists():
+        result["resumed_from_world1"] = resume(name, one)
     return result
+
+
+CHECKPOINTS = ("fsdp", "ep")  # scenarios that save a checkpoint before their last step
+
+
+def checkpoint_name(name: str) -> str:
+    """Where the scenario saves its checkpoint (expert parallelism: per world size, to resume across them)."""
+    if name == "fsdp":
+        return "ckpt"
+    return f"{name}_ckpt_world{dist.get_world_size() if dist.is_initialized() else 1}"
+
+
+def resume(name: str, path: Path) -> float:
+    """Load a checkpoint saved before the last step into a fresh model of the layout; the last step's loss."""
+    from megaspec.train.checkpoint import TrainState, load
+
+    family, fields, _ = SCENARIOS[name]
+    cfg = ParallelConfig(**fields) if dist.is_initialized() else ParallelConfig()
+    model = parallelize(build(family), cfg, seed=0)  # other weights: all come from the file
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = TrainState(model, optimizer)
+    load(state, path)
+    assert state.step == STEPS - 1
+    return float(step(model, family, batches(family)[STEPS - 1]))
 
 
 def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:

@@ -105,6 +105,7 @@ def runs(tmp_path_factory):
     import parallel_worker
 
     out = tmp_path_factory.mktemp("parallel")
+    parallel_worker.run_scenario("ep", out)  # one process saves a checkpoint that the EP run resumes
     two = [n for n, (_, _, w) in parallel_worker.SCENARIOS.items() if w == 2]
     results = launch(2, two, out)
     results.update(launch(4, ["fsdp_tp"], out))
@@ -145,3 +146,12 @@ def test_checkpoint_from_two_ranks_resumes_on_one(runs):
     assert state.step == worker.STEPS - 1
     loss = worker.step(model, "llama", worker.batches("llama")[worker.STEPS - 1])
     assert float(loss) == pytest.approx(results["fsdp"]["losses"][-1], abs=1e-5)
+
+
+def test_expert_parallel_checkpoints_resume_across_layouts(runs):
+    worker, out, results = runs
+    # Saved with EP=2 (each rank holding 2 of 4 experts), resumed in one process holding all 4.
+    assert worker.resume("ep", out / "ep_ckpt_world2") == pytest.approx(results["ep"]["losses"][-1], abs=1e-5)
+    # And back: saved in one process, resumed with EP=2.
+    reference = worker.run_scenario("ep")["losses"][-1]
+    assert results["ep"]["resumed_from_world1"] == pytest.approx(reference, abs=1e-5)

@@ -140,17 +140,14 @@ def test_train_help_template_is_one_valid_override():
     assert override.value() == TRAIN_HELP
 
 
-def test_expert_parallel_checkpoints_are_refused_before_training():
-    from types import SimpleNamespace
-
+def test_unsupported_expert_checkpoint_layouts_are_refused_before_training():
     from torch import nn
 
-    from megaspec.parallel import ParallelConfig
     from megaspec.train.checkpoint import check_saveable
 
     model = nn.Linear(2, 2)
-    model.megaspec_parallel = SimpleNamespace(config=ParallelConfig(expert_model_parallel_size=2))
-    with pytest.raises(SpecError, match=r"checkpoints of expert-parallel runs \(expert_model_parallel_size > 1\)"):
+    check_saveable(model)  # no experts: nothing to refuse
+    model._megaspec_expert_rows = (4, 0, 2)  # experts 0:2 of 4, but not sharded by FSDP
+    with pytest.raises(SpecError, match=r"checkpoints of this expert-parallel layout are not supported: expert "
+                       r"weights that are not sharded by FSDP on dim 0; train with trainer.save_every=0"):
         check_saveable(model)
-    model.megaspec_parallel = SimpleNamespace(config=ParallelConfig(data_parallel_size=2))
-    check_saveable(model)

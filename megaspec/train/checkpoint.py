@@ -3,6 +3,7 @@
 Each process writes its own shards of the model and optimizer state under
 `<dir>/step_<N>/`; the keys are the model's fully-qualified parameter names,
 so a checkpoint saved at one world size (or parallel layout) loads at another.
+Expert-parallel weights are saved as the global [E, ...] tensors, sharded by expert.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megaspec.errors import SpecError
+from megaspec.parallel.expert import globalize_experts, localize_experts, unsupported_expert_checkpoint
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -34,12 +36,13 @@ class TrainState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         """Sharded state dicts keyed by parameter name (world-size independent)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = globalize_experts(self.model, _mesh(self.model), model_sd, optim_sd)
         return {"model": model_sd, "optim": optim_sd, "step": torch.tensor(self.step)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load in place into the (possibly sharded) model and optimizer."""
-        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optim"])
+        model_sd, optim_sd = localize_experts(self.model, _mesh(self.model), state_dict["model"], state_dict["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.step = int(state_dict["step"])
 
 
@@ -47,15 +50,17 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _mesh(model: nn.Module) -> Any:
+    layout = getattr(model, "megaspec_parallel", None)
+    return None if layout is None else layout.mesh
+
+
 def check_saveable(model: nn.Module) -> None:
     """Refuse layouts whose DCP checkpoint would be wrong, before any step is spent."""
-    layout = getattr(model, "megaspec_parallel", None)
-    if layout is not None and layout.config.expert_model_parallel_size > 1:
-        # EP experts are rank-local tensors under the same names on every rank: DCP
-        # would merge different experts into one, a silently wrong checkpoint.
-        raise SpecError("checkpoints of expert-parallel runs (expert_model_parallel_size > 1) are not "
-                        "supported yet; train with trainer.save_every=0 trainer.save_final=false "
-                        "trainer.export=false, or without EP")
+    problem = unsupported_expert_checkpoint(model)
+    if problem is not None:
+        raise SpecError(f"checkpoints of this expert-parallel layout are not supported: {problem}; train with "
+                        "trainer.save_every=0 trainer.save_final=false trainer.export=false, or another layout")
 
 
 def save(state: TrainState, directory: Path, extra: dict[str, Any] | None = None) -> Path:
