@@ -23,7 +23,6 @@ from megaspec.resolve import Configs, Resolved, make_configs, resolve
 from megaspec.spec import ModuleSpec
 
 
-
 class ModuleFactory:
     """What a slot with `provides` receives: call it with the sizes the parent knows."""
 
@@ -110,7 +109,10 @@ def build_module(
 
 
 def build_model(cfg_or_path: Any, device: str | torch.device | None = None) -> nn.Module:
-    """Build a model from a composed config, a spec file or a model name; `device="meta"` allocates nothing."""
+    """Build from a composed config, spec file, model name or checkpoint; `device="meta"` allocates nothing.
+
+    A checkpoint directory gives its spec and config only; `megaspec.load` also reads its weights.
+    """
     from megaspec.compose import model_inputs
 
     spec, config, allow = model_inputs(cfg_or_path)
