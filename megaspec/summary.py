@@ -47,8 +47,9 @@ def slot_rows(model: nn.Module) -> list[Row]:
         params = list(module.parameters())
         own = sum(p.numel() for p in params if id(p) not in claimed)
         total = sum(p.numel() for p in params)
-        rows.append(Row(depth, label, getattr(module, "_megaspec_name", type(module).__name__),
-                        own, repeat, tied=own == 0 and total > 0))
+        # Tied: its weights were counted elsewhere, or it borrows them at forward (a tied LM head).
+        tied = (own == 0 and total > 0) or getattr(module, "tied", False) is True
+        rows.append(Row(depth, label, getattr(module, "_megaspec_name", type(module).__name__), own, repeat, tied))
         children = _slot_children(module)
         i = 0
         while i < len(children):

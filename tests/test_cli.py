@@ -29,6 +29,7 @@ def test_build_default_model_prints_exact_summary(tmp_path):
     assert "layers[0..11]: transformer_layer x12" in out
     assert "7,087,872 each" in out
     assert "core_attention: sdpa" in out
+    assert next(line for line in out.splitlines() if "output_layer: lm_head" in line).endswith("tied (shared weights)")
     assert "FLOPs per token:" in out and "memory: weights 474.7 MiB" in out
     assert "forward pass on random tokens [1, 128] -> logits (1, 128, 50257)" in out
     assert list(tmp_path.iterdir()) == []  # a build writes no files

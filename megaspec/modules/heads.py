@@ -28,6 +28,7 @@ class LMHead(nn.Module):
         self.vocab_size = config.vocab_size
         dtype = params_dtype(config)
         tied = config.share_embeddings_and_output_weights
+        self.tied = tied  # read by summaries: no weight of its own, yet not an empty head
         self.weight = None if tied else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(config.vocab_size, dtype=dtype)) if bias else None
 
