@@ -178,3 +178,26 @@ def test_moe_layer_pattern_follows_moe_layer_freq() -> None:
     assert moe_config(num_layers=5, moe_layer_freq=2).moe_layer_pattern == ["moe", "dense", "moe", "dense", "moe"]
     assert moe_config(num_layers=3, moe_layer_freq=[0, 1, 1]).moe_layer_pattern == ["dense", "moe", "moe"]
     assert moe_config(num_moe_experts=None).moe_layer_pattern == ["dense", "dense"]
+
+
+def test_expert_bias_balancing_counts_every_micro_batch_and_nudges_the_load():
+    from megaspec import build_model, compose
+    from megaspec.train.balance import ExpertBiasUpdater
+
+    model = build_model(compose([
+        "model=mixtral", "model.config.num_layers=1", "model.config.hidden_size=32",
+        "model.config.num_attention_heads=4", "model.config.num_query_groups=2", "model.config.moe_ffn_hidden_size=16", "model.config.num_moe_experts=4",
+        "model.config.vocab_size=50", "model.config.max_position_embeddings=16",
+        "+model.config.moe_router_score_function=sigmoid", "+model.config.moe_router_enable_expert_bias=true",
+        "+model.config.moe_router_bias_update_rate=0.5"]))
+    updater = ExpertBiasUpdater(model)
+    layer = updater.layers[0]
+    seen = torch.zeros(4)
+    for seed in (0, 1):  # two micro-batches of one step
+        model(torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(seed)))
+        seen += layer.tokens_per_expert.float()
+    assert seen.sum() == 2 * 2 * 8 * 2  # micro-batches x batch x seq x top-2
+    updater.step()
+    expected = 0.5 * torch.sign(seen.mean() - seen)  # under-loaded experts up, over-loaded down
+    assert torch.equal(layer.router.expert_bias, expected)
+    assert updater.counts == {}  # reset for the next step

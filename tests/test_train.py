@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megaspec import SpecError, compose
 from megaspec.checkpoint import load as load_checkpoint
@@ -151,3 +152,16 @@ def test_unsupported_expert_checkpoint_layouts_are_refused_before_training():
     with pytest.raises(SpecError, match=r"checkpoints of this expert-parallel layout are not supported: expert "
                        r"weights that are not sharded by FSDP on dim 0; train with trainer.save_every=0"):
         check_saveable(model)
+
+
+def test_expert_bias_balancing_runs_in_the_training_loop(tmp_path):
+    moe = ["model=mixtral", "model.config.num_query_groups=2", "model.config.moe_ffn_hidden_size=32",
+           "model.config.num_moe_experts=4", "+model.config.moe_router_score_function=sigmoid",
+           "+model.config.moe_router_enable_expert_bias=true", "trainer.export=true"]
+    records = run(tmp_path, *moe, name="moe")
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    model = load_checkpoint(tmp_path / "moe" / "model")
+    bias = model.decoder.layers[0].mlp.router.expert_bias
+    # Three steps of +-rate nudges: the biases moved, and by whole multiples of the rate.
+    assert bias.abs().sum() > 0
+    assert torch.allclose(bias / 1e-3, (bias / 1e-3).round(), atol=1e-3)

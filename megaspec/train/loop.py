@@ -29,6 +29,7 @@ from megaspec.errors import SpecError
 from megaspec.resolve import root_config
 from megaspec.summary import count_parameters, forward_flops
 from megaspec.train import checkpoint
+from megaspec.train.balance import ExpertBiasUpdater
 from megaspec.train.data import ByteTokenizer, make_data, micro_batches
 from megaspec.train.metrics import MetricsFile, ProgressBar, peak_flops, plot_loss
 from megaspec.train.optim import clip_grad_norm, lr_at, make_optimizer, set_lr
@@ -255,6 +256,9 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
     clip = float(opts.get("grad_clip") or 0.0)
     pp_group = parallel.mesh["pp"].get_group() if parallel is not None and parallel.schedule is not None else None
     records: list[dict[str, Any]] = []
+    # Expert-bias balancing sums its counts over the ranks that share this stage's layers.
+    dp_group = parallel.mesh["dp"].get_group() if parallel is not None and parallel.mesh is not None else None
+    balancer = ExpertBiasUpdater(model, dp_group)
     with_grads = [p for p in model.parameters() if p.requires_grad]
     # A pipeline's last stage holds a copy of a tied embedding; the first stage counts its gradient.
     tied_copy = (model.embedding.weight,) if pp_group is not None and getattr(model, "tied", False) \
@@ -272,6 +276,7 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
         means = _forward_backward(model, parallel, batches, env, autocast_dtype)
         grad_norm = clip_grad_norm(with_grads, clip, pp_group, tied_copy)
         optimizer.step()
+        balancer.step()
         optimizer.zero_grad(set_to_none=True)
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
