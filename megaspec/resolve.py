@@ -34,7 +34,8 @@ class Resolved:
     provides: tuple[str, ...] = ()  # constructor args the parent supplies (factory slot)
 
 
-def config_problems(exc: ValidationError, smap: SourceMap, key: Key, tree: str, data: Mapping[str, Any]) -> list[Problem]:
+def config_problems(exc: ValidationError, smap: SourceMap, key: Key, tree: str,
+                    data: Mapping[str, Any]) -> list[Problem]:
     """Translate a TransformerConfig ValidationError into located Problems."""
     fields = TransformerConfig.model_fields
     out = []
@@ -158,7 +159,8 @@ class _Resolver:
                 if decl.required:
                     self.problems.append(smap.problem(
                         ("submodules", name) if name in r.spec.submodules else ("module",), path,
-                        f"required slot '{name}' of {r.entry.name} is empty (needs a module of kind {' or '.join(decl.kinds)})"))
+                        f"required slot '{name}' of {r.entry.name} is empty "
+                        f"(needs a module of kind {' or '.join(decl.kinds)})"))
                 r.children[name] = None
                 continue
             owner = (r.entry.name, name, decl)

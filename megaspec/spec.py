@@ -55,7 +55,9 @@ class ModuleSpec:
         for name in ("params", "submodules", "config"):
             value = getattr(self, name)
             if not isinstance(value, (MappingProxyType, str)):
-                object.__setattr__(self, name, _freeze(value) if name != "submodules" else MappingProxyType(dict(value)))
+                # Children are ModuleSpecs already (immutable); only the mapping itself is frozen.
+                frozen = MappingProxyType(dict(value)) if name == "submodules" else _freeze(value)
+                object.__setattr__(self, name, frozen)
 
     @property
     def file(self) -> str | None:
@@ -152,12 +154,14 @@ class _Parser:
         subs: dict[str, SlotValue] = {}
         if subs_data is not None:
             if not isinstance(subs_data, Mapping):
-                self.fail((*key, "submodules"), tree, f"'submodules' must be a mapping of slot names, got {_kind(subs_data)}")
+                self.fail((*key, "submodules"), tree,
+                          f"'submodules' must be a mapping of slot names, got {_kind(subs_data)}")
             else:
                 for slot, value in subs_data.items():
                     sub_tree = f"{tree}.{slot}" if tree else str(slot)
                     subs[str(slot)] = self.slot(value, (*key, "submodules", slot), sub_tree)
-        return ModuleSpec(module, params, subs, config, repeat if isinstance(repeat, int) else None, self.smap.child(key))
+        repeat = repeat if isinstance(repeat, int) else None
+        return ModuleSpec(module, params, subs, config, repeat, self.smap.child(key))
 
     def mapping(self, data: Any, key: Key, tree: str) -> dict[str, Any]:
         if data is None:
@@ -180,7 +184,8 @@ class _Parser:
     def pattern(self, value: Mapping[str, Any], key: Key, tree: str) -> Pattern | None:
         extra = [k for k in value if k not in ("pattern", "nodes")]
         if extra:
-            self.fail((*key, extra[0]), tree, f"unknown pattern field '{extra[0]}'; a pattern has 'pattern' and 'nodes'")
+            self.fail((*key, extra[0]), tree,
+                      f"unknown pattern field '{extra[0]}'; a pattern has 'pattern' and 'nodes'")
         names, nodes_data = value.get("pattern"), value.get("nodes")
         from_config = isinstance(names, str) and bool(names)
         if not from_config and (not isinstance(names, list) or not names

@@ -124,14 +124,16 @@ def check_parallel(model_config: Any, parallel_config: Any, world_size: int) -> 
         where = f"model.config.{label}"
         if tp > 1:
             name = "tensor_model_parallel_size"
-            _divides(problems, tp, name, c.num_attention_heads, f"{where}num_attention_heads", "each rank holds whole heads")
+            _divides(problems, tp, name, c.num_attention_heads, f"{where}num_attention_heads",
+                     "each rank holds whole heads")
             _divides(problems, tp, name, c.query_groups, f"{where}num_query_groups" if c.num_query_groups else
                      f"{where}num_attention_heads (query groups)", "each rank holds whole query groups")
             _divides(problems, tp, name, c.ffn_size, f"{where}ffn_hidden_size", "the MLP is split by column")
             _divides(problems, tp, name, c.vocab_size, f"{where}vocab_size",
                      "the embedding and output layer are split over the vocabulary")
             if c.num_moe_experts is not None:
-                _divides(problems, tp, name, c.moe_ffn_size, f"{where}moe_ffn_hidden_size", "experts are split by column")
+                _divides(problems, tp, name, c.moe_ffn_size, f"{where}moe_ffn_hidden_size",
+                         "experts are split by column")
             if c.qk_layernorm:
                 problems.append(Problem("qk_layernorm is not supported with tensor_model_parallel_size > 1 yet",
                                         f"parallel.{name}"))
