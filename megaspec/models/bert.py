@@ -63,7 +63,7 @@ class BertModel(nn.Module):
         labels: Tensor | None = None,
         position_ids: Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids, token_type_ids, labels [b, s] (label -100: unscored); attention_mask [b, s] (1 = token, 0 = pad)."""
+        """input_ids, token_type_ids, labels [b, s] (label -100: unscored); attention_mask [b, s] (1: token, 0: pad)."""
         hidden_states = self.embedding(input_ids)  # [b, s, h]
         if self.token_type_embedding is not None:
             if token_type_ids is None:
