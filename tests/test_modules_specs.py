@@ -1,22 +1,17 @@
 """The shipped specs name registered modules in valid slots, and describe the published models."""
 
-import functools
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
-import megaspec.models
-import megaspec.modules  # noqa: F401  (registers the built-in modules)
+from megaspec import build_module, load_spec
 from megaspec.config import TransformerConfig
 from megaspec.modules.attention import SelfAttention
 from megaspec.modules.core_attention import SDPAttention
 from megaspec.modules.embedding import LearnedPositionEmbedding, RotaryEmbedding
 from megaspec.modules.norm import LayerNorm, RMSNorm
-from megaspec.registry import lookup, slots_of
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -33,39 +28,13 @@ LLAMA3_8B = TransformerConfig(
 )  # fmt: skip
 
 
-def build(node: Any, config: TransformerConfig, provided: dict[str, Any] | None = None) -> nn.Module:
-    """Just enough of the spec format to check the shipped files: names, kinds, slots, repetition."""
-    node = {"module": node} if isinstance(node, str) else node
-    assert set(node) <= {"module", "params", "submodules"}, node
-    entry = lookup(node["module"])
-    slots, given = slots_of(entry.cls), node.get("submodules") or {}
-    assert set(given) <= set(slots), f"{entry.name}: unknown slots {set(given) - set(slots)}"
-    children: dict[str, Any] = {}
-    for name, slot in slots.items():
-        child = given.get(name)
-        if child is None:
-            assert not slot.required, f"{entry.name}.{name} is required"
-            continue
-        if slot.many:
-            nodes = child if isinstance(child, list) else [child] * getattr(config, slot.count)
-            children[name] = [build(n, config) for n in nodes]
-            continue
-        child_name = child if isinstance(child, str) else child["module"]
-        assert lookup(child_name).kind in slot.kinds, f"{entry.name}.{name}: {child_name} has the wrong kind"
-        if slot.provides:
-            children[name] = functools.partial(lambda n, **p: build(n, config, p), child)
-        else:
-            children[name] = build(child, config)
-    return entry.cls(config, **(node.get("params") or {}), **(provided or {}), **children)
-
-
-def spec(name: str) -> Any:
-    return yaml.safe_load((SPECS / f"{name}.yaml").read_text())
+def build(name: str, config: TransformerConfig, device: str = "meta") -> nn.Module:
+    """The shipped spec `name`, built by megaspec's builder with `config`."""
+    return build_module(load_spec(SPECS / f"{name}.yaml"), config, device=device)
 
 
 def test_gpt2_spec_builds_gpt2_small() -> None:
-    with torch.device("meta"):
-        model = build(spec("gpt2"), GPT2_SMALL)
+    model = build("gpt2", GPT2_SMALL)
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
     layer = model.decoder.layers[0]
     assert len(model.decoder.layers) == 12
@@ -78,8 +47,7 @@ def test_gpt2_spec_builds_gpt2_small() -> None:
 
 
 def test_llama_spec_builds_llama3_8b() -> None:
-    with torch.device("meta"):
-        model = build(spec("llama"), LLAMA3_8B)
+    model = build("llama", LLAMA3_8B)
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
     layer = model.decoder.layers[0]
     assert isinstance(model.position_embedding, RotaryEmbedding)
@@ -92,16 +60,11 @@ def test_llama_spec_builds_llama3_8b() -> None:
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_spec_builds_tiny_and_runs(name: str) -> None:
-    """Real weights, through meta -> to_empty -> init_weights, as the builder will."""
+    """Real weights, through meta -> to_empty -> init_weights."""
     base = GPT2_SMALL if name == "gpt2" else LLAMA3_8B
     config = base.updated(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=97,
                           ffn_hidden_size=128, num_query_groups=2 if name == "llama" else None)  # fmt: skip
-    with torch.device("meta"):
-        model = build(spec(name), config)
-    model.to_empty(device="cpu")
-    for m in model.modules():
-        if hasattr(m, "init_weights"):
-            m.init_weights()
+    model = build(name, config, device="cpu")
     input_ids = torch.randint(0, 97, (2, 10))
     out = model(input_ids, attention_mask=torch.ones(2, 10), labels=input_ids)
     assert out.logits.shape == (2, 10, 97) and torch.isfinite(out.loss)
