@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from megaspec.build import DTYPES, build_module
+from megaspec.build import build_module
+from megaspec.config import DTYPES
 from megaspec.errors import Problem, SpecError
 from megaspec.interop.hf.bert import Bert, BertForMaskedLM
 from megaspec.interop.hf.clip import CLIPVision

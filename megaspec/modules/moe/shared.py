@@ -1,7 +1,6 @@
 """Shared experts: a dense MLP every token passes through beside the routed experts (DeepSeek, Qwen-MoE)."""
 
 from collections.abc import Callable
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,18 +9,15 @@ from torch import Tensor, nn
 from megaspec.config import TransformerConfig
 from megaspec.modules.mlp import MLP
 from megaspec.modules.utils import init_normal_, params_dtype
-from megaspec.registry import Slot, register
+from megaspec.registry import register
 
 
 @register("mlp", "shared_expert_mlp")
 class SharedExpertMLP(MLP):
-    """The MLP at width moe_shared_expert_intermediate_size, scaled by sigmoid(x . w) if moe_shared_expert_gate."""
+    """The MLP at width moe_shared_expert_intermediate_size, scaled by sigmoid(x . w) if moe_shared_expert_gate.
 
-    slots: ClassVar[dict[str, Slot]] = {
-        **MLP.slots,
-        "linear_fc1": Slot("linear", provides=("in_features", "out_features", "bias"), default="linear"),
-        "linear_fc2": Slot("linear", provides=("in_features", "out_features", "bias", "output_proj"), default="linear"),
-    }
+    Its slots are MLP's (inherited), defaults included.
+    """
 
     def __init__(
         self,
