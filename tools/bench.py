@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 import megaspec
 from megaspec.build import materialize
+from megaspec.interop.hf import from_hf
 from megaspec.config import TransformerConfig
 from megaspec.models.gpt import GPTModel
 from megaspec.modules.activation import GELUTanh, SiLU
@@ -304,50 +305,6 @@ def bench_meta(repeats: int, sizes: LlamaSizes = LLAMA3_8B) -> list[Row]:
 # ---- 3. training step --------------------------------------------------------------------------
 
 
-def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, groups: int) -> Tensor:
-    """Separate Q, K, V rows -> megaspec's fused layout: per group, its query heads, then K, then V."""
-    return torch.cat([t.unflatten(0, (groups, -1)) for t in (q, k, v)], dim=1).flatten(0, 1)
-
-
-@torch.no_grad()
-def copy_hf_gpt2(ours: nn.Module, hf: nn.Module) -> None:
-    """GPT2LMHeadModel weights -> megaspec GPT-2 (HF's Conv1D stores [in, out], so transpose)."""
-    t, heads = hf.transformer, hf.config.n_head
-    ours.embedding.weight.copy_(t.wte.weight)
-    ours.position_embedding.weight.copy_(t.wpe.weight)
-    for layer, block in zip(ours.decoder.layers, t.h, strict=True):
-        attn, mlp = layer.self_attention, layer.mlp
-        layer.input_layernorm.load_state_dict(block.ln_1.state_dict())
-        layer.pre_mlp_layernorm.load_state_dict(block.ln_2.state_dict())
-        attn.linear_qkv.weight.copy_(fuse_qkv(*block.attn.c_attn.weight.t().chunk(3), heads))
-        attn.linear_qkv.bias.copy_(fuse_qkv(*block.attn.c_attn.bias.chunk(3), heads))
-        attn.linear_proj.weight.copy_(block.attn.c_proj.weight.t())
-        attn.linear_proj.bias.copy_(block.attn.c_proj.bias)
-        mlp.linear_fc1.weight.copy_(block.mlp.c_fc.weight.t())
-        mlp.linear_fc1.bias.copy_(block.mlp.c_fc.bias)
-        mlp.linear_fc2.weight.copy_(block.mlp.c_proj.weight.t())
-        mlp.linear_fc2.bias.copy_(block.mlp.c_proj.bias)
-    ours.decoder.final_layernorm.load_state_dict(t.ln_f.state_dict())
-
-
-@torch.no_grad()
-def copy_hf_llama(ours: nn.Module, hf: nn.Module) -> None:
-    """LlamaForCausalLM weights -> megaspec Llama (fusing q/k/v and gate/up)."""
-    m, groups = hf.model, hf.config.num_key_value_heads
-    ours.embedding.weight.copy_(m.embed_tokens.weight)
-    for layer, block in zip(ours.decoder.layers, m.layers, strict=True):
-        attn, mlp = block.self_attn, block.mlp
-        layer.input_layernorm.weight.copy_(block.input_layernorm.weight)
-        layer.pre_mlp_layernorm.weight.copy_(block.post_attention_layernorm.weight)
-        fused = fuse_qkv(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, groups)
-        layer.self_attention.linear_qkv.weight.copy_(fused)
-        layer.self_attention.linear_proj.weight.copy_(attn.o_proj.weight)
-        layer.mlp.linear_fc1.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        layer.mlp.linear_fc2.weight.copy_(mlp.down_proj.weight)
-    ours.decoder.final_layernorm.weight.copy_(m.norm.weight)
-    ours.output_layer.weight.copy_(hf.lm_head.weight)
-
-
 def train_step(model: nn.Module, input_ids: Tensor) -> Tensor:
     """Forward with labels (next-token loss), then backward: one fp32 training step without the optimizer."""
     model.zero_grad(set_to_none=True)
@@ -365,7 +322,8 @@ def train_pair(name: str, sizes: GPT2Sizes | LlamaSizes, batch: int, seq: int) -
     hf_cls = transformers.GPT2LMHeadModel if gpt2 else transformers.LlamaForCausalLM
     hf = hf_cls(sizes.hf_config()).train()
     ours = megaspec.build_model(megaspec.compose(sizes.overrides())).train()
-    (copy_hf_gpt2 if gpt2 else copy_hf_llama)(ours, hf)
+    # HF's weights through megaspec's own converter (strict: every tensor must match by name and shape).
+    ours.load_state_dict(from_hf(hf).state_dict())
     check_same_size(ours, hf, name)
     input_ids = torch.randint(0, sizes.vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
     # Same weights and inputs must give the same loss, or the two sides do different work.
@@ -380,19 +338,20 @@ def bench_train(
     repeats: int, batch: int = 2, seq: int = 128, gpt2: GPT2Sizes = GPT2_TRAIN, llama: LlamaSizes = LLAMA_SMALL
 ) -> list[Row]:
     """Forward + backward, fp32, dropout 0, identical weights and tokens, HF with sdpa attention."""
-    rows = []
-    for name, sizes in (("GPT-2", gpt2), ("Llama", llama)):
-        ours, hf, input_ids = train_pair(name, sizes, batch, seq)
-        times = alternate(
-            {"megaspec": lambda: train_step(ours, input_ids), "hf": lambda: train_step(hf, input_ids)},
-            repeats,
-            warmup=2,
-        )
-        what = f"{name} {sizes.layers} layers, h={sizes.hidden} ({n_params(ours):,} params), b={batch} s={seq}"
-        rows.append(Row(f"{what}: forward + backward", "megaspec", times["megaspec"],
-                        "HF (sdpa)", times["hf"], "speedup", 1.0))  # fmt: skip
-        del ours, hf
-    return rows
+    return [train_row(name, sizes, repeats, batch, seq) for name, sizes in (("GPT-2", gpt2), ("Llama", llama))]
+
+
+def train_row(name: str, sizes: GPT2Sizes | LlamaSizes, repeats: int, batch: int, seq: int) -> Row:
+    """One training-step comparison; both models are freed when it returns."""
+    ours, hf, input_ids = train_pair(name, sizes, batch, seq)
+    times = alternate(
+        {"megaspec": lambda: train_step(ours, input_ids), "hf": lambda: train_step(hf, input_ids)},
+        repeats,
+        warmup=2,
+    )
+    what = f"{name} {sizes.layers} layers, h={sizes.hidden} ({n_params(ours):,} params), b={batch} s={seq}"
+    return Row(f"{what}: forward + backward", "megaspec", times["megaspec"],
+               "HF (sdpa)", times["hf"], "speedup", 1.0)  # fmt: skip
 
 
 # ---- 4. YAML spec vs hand-written Python -------------------------------------------------------

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from megaspec import build_model, compose  # noqa: E402
-from test_moe_mixtral import load_hf_mixtral  # noqa: E402  (the HF -> megaspec weight copy)
+from megaspec import build_model, compose
+from megaspec.interop.hf import from_hf
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,7 +65,7 @@ def build_models(a: argparse.Namespace) -> dict[str, nn.Module]:
         f"{c}vocab_size={a.vocab}", f"{c}max_position_embeddings={max(a.seq, 64)}",
         f"{c}moe_aux_loss_coeff={aux_coef * a.topk}",
     ]))  # fmt: skip
-    load_hf_mixtral(ours, hf_models["grouped_mm"])
+    ours.load_state_dict(from_hf(hf_models["grouped_mm"]).state_dict())  # strict: every tensor placed
     models = {"megaspec grouped": ours, "HF grouped_mm": hf_models["grouped_mm"], "HF eager": hf_models["eager"]}
     for m in models.values():
         m.train()
