@@ -1,14 +1,18 @@
 """megaspec: describe a transformer in YAML specs, build it as plain torch modules."""
 
-from megaspec.build import build_model, build_module, meta_forward
+import megaspec.catalog  # noqa: F401  (registers the built-in modules before any plug-in or lookup)
+from megaspec.build import build_module, meta_forward
 from megaspec.checkpoint import load, save
 from megaspec.compose import compose
 from megaspec.config import TransformerConfig
 from megaspec.errors import Problem, SpecError
+from megaspec.inputs import build_model
+from megaspec.record import BuildRecord, build_record
 from megaspec.registry import Slot, entries, lookup, register
 from megaspec.spec import ModuleSpec, load_spec, parse_spec
 
 __all__ = [
+    "BuildRecord",
     "ModuleSpec",
     "Problem",
     "Slot",
@@ -16,6 +20,7 @@ __all__ = [
     "TransformerConfig",
     "build_model",
     "build_module",
+    "build_record",
     "compose",
     "entries",
     "load",

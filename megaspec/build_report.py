@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from megaspec.build import build_module, materialize
-from megaspec.compose import model_inputs
-from megaspec.resolve import root_config
+from megaspec.configs import root_config
+from megaspec.inputs import model_inputs
 from megaspec.summary import (
     available_memory,
     count_parameters,

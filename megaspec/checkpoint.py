@@ -29,8 +29,11 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
-from megaspec.resolve import Configs, Resolved, make_configs, resolve
+from megaspec.init import check_buffers, init_method, poison_buffers
+from megaspec.record import described
+from megaspec.resolve import Resolved, resolve
 from megaspec.spec import ModuleSpec, parse_spec
 
 FORMAT = "megaspec-checkpoint/1"
@@ -83,18 +86,6 @@ def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
 
 
 # ---------------------------------------------------------------- what a model was built from
-
-
-def described(model: nn.Module, spec: ModuleSpec | None = None,
-              config: Any = None) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
-    """(spec, configs, allow_imports) given explicitly or recorded on the model by the builder."""
-    spec = spec if spec is not None else getattr(model, "megaspec_spec", None)
-    if config is None:
-        config = getattr(model, "megaspec_configs", None) or getattr(model, "megaspec_config", None)
-    if spec is None or config is None:
-        raise SpecError("the model does not record the spec and config it was built from "
-                        "(build it with megaspec.build_module, or pass spec= and config=)")
-    return spec, make_configs(config), tuple(getattr(model, "megaspec_allow_imports", ()) or ())
 
 
 def _modules_used(root: Resolved) -> dict[str, dict[str, str]]:
@@ -174,11 +165,13 @@ def fill(model: nn.Module, tensors: Mapping[str, Tensor], device: str | torch.de
     if any(t.is_meta for t in model.state_dict().values()) or any(b.is_meta for b in model.buffers()):
         model.to_empty(device=device or "cpu")
         with torch.no_grad():
+            poisoned = poison_buffers(model)
             for module in model.modules():
-                if getattr(module, "_non_persistent_buffers_set", None):
-                    init = getattr(module, "init_weights", None) or getattr(module, "reset_parameters", None)
-                    if callable(init):
-                        init()
+                init = init_method(module)
+                if getattr(module, "_non_persistent_buffers_set", None) and callable(init):
+                    init()
+        # Persistent buffers come from the checkpoint below; the others must have been recomputed.
+        check_buffers([(p, m, n) for p, m, n in poisoned if n in m._non_persistent_buffers_set])
     with torch.no_grad():
         model.load_state_dict(dict(tensors), strict=True)
     return model
@@ -304,10 +297,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
 
     spec, configs, allow = checkpoint_inputs(path)
     model = build_module(spec, configs, device="meta", allow_imports=allow)
-    load_weights(model, path, device)
-    model.megaspec_spec, model.megaspec_configs = spec, configs
-    model.megaspec_allow_imports = allow
-    return model
+    return load_weights(model, path, device)
 
 
 __all__ = ["FORMAT", "MANIFEST", "checkpoint_inputs", "load", "load_weights", "read_manifest", "save"]

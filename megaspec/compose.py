@@ -1,4 +1,4 @@
-"""Hydra composition of conf/ + specs/, and turning a config into (spec, config).
+"""Hydra composition of conf/ + specs/, and turning a composed config into (spec, configs).
 
 After composition `cfg.model.config` holds the TransformerConfig fields and
 `cfg.model.spec` the whole spec tree inline, so any size or slot can be
@@ -14,9 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
-from megaspec.paths import conf_dir, resource_root, specs_dir
-from megaspec.resolve import Configs, is_named, make_configs
+from megaspec.paths import conf_dir, resource_root
 from megaspec.source import SourceMap, load_yaml
 from megaspec.spec import ModuleSpec, parse_spec
 
@@ -68,7 +68,8 @@ def _source_map(rel: str | None, composed: bool) -> SourceMap:
     return smap
 
 
-def _from_cfg(cfg: DictConfig | Mapping[str, Any]) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
+def cfg_inputs(cfg: DictConfig | Mapping[str, Any]) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
+    """(spec, configs, allow_imports) of a composed config, located in the files it was composed from."""
     if isinstance(cfg, DictConfig):
         data = OmegaConf.to_container(cfg, resolve=True)
     else:
@@ -91,47 +92,3 @@ def models_using_spec(spec_file: Path) -> list[str]:
             if isinstance(item, Mapping) and item.get("/specs@spec") == spec_file.stem:
                 found.append(model_file.stem)
     return found
-
-
-def spec_file_inputs(path: Path, display: str | None = None, model: str | None = None,
-                     ) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
-    """(spec, configs) for a spec file: sizes from its root `config`, over a model that uses it."""
-    from megaspec.spec import load_spec
-
-    spec = load_spec(path, display)
-    base: dict[str, Any] = {}
-    in_shipped = path.resolve().parent == specs_dir().resolve()
-    model = model or next(iter(models_using_spec(path) if in_shipped else []), None)
-    if model:
-        base = OmegaConf.to_container(compose([f"model={model}"]).model.config, resolve=True)
-    if isinstance(spec.config, str):  # the root selects one of the model's named configs
-        fields: dict[str, Any] = base
-    elif is_named(base) or is_named(spec.config):
-        fields = {n: {**base.get(n, {}), **dict(spec.config.get(n, {}))} for n in {**base, **spec.config}}
-    else:
-        fields = {**base, **dict(spec.config)}
-    if not fields:
-        raise SpecError(Problem(
-            "no sizes: give TransformerConfig fields under the root node's 'config', or name a model "
-            "(--model NAME) whose config to use", "", spec.file, 1))
-    configs = make_configs(fields, spec.smap, ("config",))
-    if not isinstance(spec.config, str):
-        # The root's fields became the base config; the node keeps no override of its own.
-        spec = ModuleSpec(spec.module, spec.params, spec.submodules, {}, spec.repeat, spec.smap)
-    return spec, configs, ()
-
-
-def model_inputs(source: Any) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
-    """(spec, config, allow_imports) from a composed config, a spec file path, a model name or a checkpoint."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_dir():  # a megaspec checkpoint directory: the spec and config it was saved with
-            from megaspec.checkpoint import checkpoint_inputs
-
-            return checkpoint_inputs(path)
-        if path.suffix in (".yaml", ".yml"):
-            return spec_file_inputs(path)
-        if isinstance(source, str) and (conf_dir() / "model" / f"{source}.yaml").is_file():
-            return _from_cfg(compose([f"model={source}"]))
-        raise SpecError(f"'{source}' is neither a spec file (.yaml) nor a model name in conf/model")
-    return _from_cfg(source)

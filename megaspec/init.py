@@ -1,4 +1,4 @@
-"""Weight initialisation helpers: fast, seeded normal fills on the CPU.
+"""Weight initialisation: fast, seeded normal fills on the CPU, and the checked init of a meta-built model.
 
 CPU `normal_` draws from one serial generator, which makes it the bulk of
 materialising a model. Large tensors are filled in fixed-size chunks, each with
@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from megaspec.errors import Problem, SpecError
 
 # Elements per random stream. Fixed (not derived from the thread count) so that a
 # seed gives the same weights on any machine.
@@ -67,3 +70,39 @@ def batched_init() -> Iterator[None]:
     if jobs:
         with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
             list(pool.map(_fill, jobs))
+
+
+def init_method(module: nn.Module) -> Any:
+    """The module's own initialiser: init_weights, else reset_parameters, else None."""
+    return getattr(module, "init_weights", None) or getattr(module, "reset_parameters", None)
+
+
+def init_weights(model: nn.Module) -> None:
+    """Initialise every module's own parameters and buffers once (init_weights, else reset_parameters)."""
+    for module in model.modules():
+        init = init_method(module)
+        if callable(init):
+            init()
+
+
+def poison_buffers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Fill every floating buffer with NaN, so a buffer no init recomputes cannot pass for a value."""
+    poisoned = []
+    for path, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point():
+                buffer.fill_(float("nan"))
+                poisoned.append((path, module, name))
+    return poisoned
+
+
+def check_buffers(poisoned: list[tuple[str, nn.Module, str]]) -> None:
+    """SpecError naming each buffer still holding the NaN poison: computed in __init__, lost by the meta build."""
+    stale = [(path, module, name) for path, module, name in poisoned
+             if getattr(module, name) is not None and torch.isnan(getattr(module, name)).any()]
+    if stale:
+        raise SpecError([Problem(
+            f"buffer '{name}' of {type(module).__qualname__} has no value after the meta-device build: it was "
+            f"computed in __init__, which runs on the meta device. Implement init_weights() (or "
+            f"reset_parameters()) to compute it again; the builder calls it after allocating the module",
+            f"{path}.{name}" if path else name) for path, module, name in stale])

@@ -1,7 +1,9 @@
 """The registry: spec names -> torch classes, with kinds, origins and plug-ins.
 
 Names are one global namespace (a spec says `module: rms_norm`, not the kind),
-so a taken name is an error rather than a silent overwrite.
+so a taken name is an error rather than a silent overwrite. This module imports
+no module or model: they import it to register themselves, and `megaspec.catalog`
+imports the built-ins, before any plug-in is loaded.
 """
 
 from __future__ import annotations
@@ -19,25 +21,10 @@ from typing import Any, TypeVar
 from torch import nn
 
 from megaspec.errors import RegistryError, did_you_mean
+from megaspec.kinds import KINDS as KIND_PROTOCOLS
+from megaspec.kinds import contract_problems, signature_text
 
-KINDS: tuple[str, ...] = (
-    "model",
-    "embedding",
-    "position_embedding",
-    "attention_bias",
-    "block",
-    "layer",
-    "attention",
-    "core_attention",
-    "mlp",
-    "moe",
-    "router",
-    "experts",
-    "norm",
-    "linear",
-    "activation",
-    "head",
-)
+KINDS: tuple[str, ...] = tuple(KIND_PROTOCOLS)  # the slot kinds, in display order
 PLUGIN_GROUP = "megaspec.plugins"
 BUILTIN = "built-in"
 
@@ -126,6 +113,15 @@ def _check_slots_match_signature(cls: type, name: str) -> None:
             )
 
 
+def _check_contract(cls: type, name: str, kind: str) -> None:
+    """A class must take the call its kind's parents make (megaspec.kinds), or building would fail late."""
+    problems = contract_problems(cls, kind)
+    if problems:
+        raise RegistryError(
+            f"cannot register '{name}' as {kind}: {cls.__qualname__} does not fit the {kind} contract "
+            f"{signature_text(kind)}: {'; '.join(problems)}")
+
+
 def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T]:
     """Class decorator: make `cls` buildable as `module: name` in a spec."""
     if kind not in KINDS:
@@ -137,6 +133,7 @@ def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise RegistryError(f"cannot register '{name}': {cls!r} is not an nn.Module subclass")
         _check_slots_match_signature(cls, name)
+        _check_contract(cls, name, kind)
         taken = _ENTRIES.get(name)
         if taken is not None and taken.cls is not cls and not override:
             raise RegistryError(
@@ -160,9 +157,6 @@ def load_plugins(force: bool = False) -> dict[str, str]:
     if _plugins_loaded and not force:
         return dict(_PLUGIN_ERRORS)
     _plugins_loaded = True
-    import megaspec.modules  # noqa: F401  (built-ins first, so plug-ins can't take their names)
-    import megaspec.models  # noqa: F401
-
     for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
         dist = ep.dist.name if ep.dist is not None else "?"
         label = f"{dist}:{ep.name}"
@@ -208,6 +202,8 @@ def _import_dotted(path: str, allow_imports: tuple[str, ...]) -> Entry:
         raise RegistryError(f"'{path}' is not an nn.Module subclass")
     _check_slots_match_signature(cls, path)
     kind = getattr(cls, "megaspec_kind", None)
+    if kind in KINDS:
+        _check_contract(cls, path, kind)
     return Entry(path, kind or "*", cls, f"import ({module_name})")
 
 

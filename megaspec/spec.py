@@ -59,6 +59,14 @@ class ModuleSpec:
                 frozen = MappingProxyType(dict(value)) if name == "submodules" else _freeze(value)
                 object.__setattr__(self, name, frozen)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Read-only mappings do not pickle: rebuild from plain data, which __post_init__ freezes again.
+        config = self.config if isinstance(self.config, str) else _thaw(self.config)
+        return (ModuleSpec, (self.module, _thaw(self.params), dict(self.submodules), config, self.repeat, self.smap))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModuleSpec:
+        return self  # immutable: a copy would be equal in every way
+
     @property
     def file(self) -> str | None:
         """File this node was read from."""
@@ -95,6 +103,16 @@ class Pattern:
     pattern: tuple[str, ...] | str
     nodes: Mapping[str, ModuleSpec]
     smap: SourceMap = field(default_factory=SourceMap, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nodes, MappingProxyType):
+            object.__setattr__(self, "nodes", MappingProxyType(dict(self.nodes)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Pattern, (self.pattern, dict(self.nodes), self.smap))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Pattern:
+        return self
 
 
 SlotValue = Union[ModuleSpec, tuple[ModuleSpec, ...], Pattern, None]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megaspec.record import registered_modules
+
 
 @dataclass
 class Row:
@@ -20,26 +22,27 @@ class Row:
     tied: bool = False
 
 
-def _slot_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+def _slot_children(module: nn.Module, names: dict[nn.Module, str]) -> list[tuple[str, nn.Module]]:
     """Children that fill spec slots (registered modules, or lists of them)."""
     out = []
     for attr, child in module.named_children():
-        if hasattr(child, "_megaspec_name"):
+        if child in names:
             out.append((attr, child))
         elif isinstance(child, nn.ModuleList):
-            out += [(f"{attr}[{i}]", c) for i, c in enumerate(child) if hasattr(c, "_megaspec_name")]
+            out += [(f"{attr}[{i}]", c) for i, c in enumerate(child) if c in names]
     return out
 
 
-def _signature(module: nn.Module) -> tuple:
+def _signature(module: nn.Module, names: dict[nn.Module, str]) -> tuple:
     """What makes two layers print the same: names in every slot and every shape."""
-    names = tuple(getattr(m, "_megaspec_name", type(m).__name__) for m in module.modules())
+    kinds = tuple(names.get(m, type(m).__name__) for m in module.modules())
     shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
-    return names, shapes
+    return kinds, shapes
 
 
 def slot_rows(model: nn.Module) -> list[Row]:
     """Rows of the slot tree; identical consecutive list items collapse into one."""
+    names = {m: entry.name for m, entry in registered_modules(model).items()}
     rows: list[Row] = []
     claimed: set[int] = set()
 
@@ -49,15 +52,15 @@ def slot_rows(model: nn.Module) -> list[Row]:
         total = sum(p.numel() for p in params)
         # Tied: its weights were counted elsewhere, or it borrows them at forward (a tied LM head).
         tied = (own == 0 and total > 0) or getattr(module, "tied", False) is True
-        rows.append(Row(depth, label, getattr(module, "_megaspec_name", type(module).__name__), own, repeat, tied))
-        children = _slot_children(module)
+        rows.append(Row(depth, label, names.get(module, type(module).__name__), own, repeat, tied))
+        children = _slot_children(module, names)
         i = 0
         while i < len(children):
             attr, child = children[i]
             j = i + 1
             if "[" in attr:  # a list slot: fold a run of identical layers into one row
                 while j < len(children) and children[j][0].split("[")[0] == attr.split("[")[0] \
-                        and _signature(children[j][1]) == _signature(child):
+                        and _signature(children[j][1], names) == _signature(child, names):
                     j += 1
             if j - i > 1:
                 base = attr.split("[")[0]

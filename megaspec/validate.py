@@ -13,7 +13,7 @@ from megaspec.errors import Problem, SpecError
 def validate_file(path: str | Path, model: str | None = None) -> tuple[list[Problem], str]:
     """Return (problems, one-line summary) for a spec file; no problems means valid."""
     from megaspec.build import build_module, meta_forward
-    from megaspec.compose import spec_file_inputs
+    from megaspec.inputs import spec_file_inputs
     from megaspec.summary import count_parameters
 
     shown = str(path)

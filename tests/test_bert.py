@@ -11,8 +11,9 @@ import yaml
 from test_gpt_parity import fuse_qkv
 from torch import Tensor, nn
 
-from megaspec.build import build_model, build_module, meta_forward
+from megaspec.build import build_module, meta_forward
 from megaspec.config import TransformerConfig
+from megaspec.inputs import build_model
 from megaspec.models.bert import BertModel
 from megaspec.modules.norm import LayerNorm
 from megaspec.spec import parse_spec

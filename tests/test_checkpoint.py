@@ -1,5 +1,6 @@
 """megaspec.save / megaspec.load: self-describing, bit-identical, checked, atomic."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import yaml
 import megaspec
 from megaspec import SpecError, build_module, parse_spec
 from megaspec.checkpoint import MANIFEST, read_manifest
-from megaspec.compose import model_inputs
+from megaspec.inputs import model_inputs
+from megaspec.record import has_record
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2, "ffn_hidden_size": 64,
@@ -41,7 +43,7 @@ def test_load_rebuilds_bit_identical_outputs(tmp_path, name) -> None:
     megaspec.save(model, tmp_path / "ckpt")
     loaded = megaspec.load(tmp_path / "ckpt")
     assert torch.equal(outputs(loaded), outputs(model))
-    assert loaded.megaspec_spec == model.megaspec_spec
+    assert megaspec.build_record(loaded).spec == megaspec.build_record(model).spec
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
 
@@ -50,7 +52,7 @@ def test_manifest_describes_the_model(tmp_path) -> None:
     model = tiny("llama")
     megaspec.save(model, tmp_path)
     manifest = read_manifest(tmp_path)
-    assert manifest["spec"] == model.megaspec_spec.to_dict()
+    assert manifest["spec"] == megaspec.build_record(model).spec.to_dict()
     assert manifest["config"]["num_query_groups"] == 2 and manifest["config"]["rotary_base"] == 500000.0
     assert manifest["modules"]["rms_norm"] == {"kind": "norm", "class": "megaspec.modules.norm.RMSNorm",
                                                "origin": "built-in"}
@@ -59,11 +61,19 @@ def test_manifest_describes_the_model(tmp_path) -> None:
     assert files == [MANIFEST, manifest["weights"]]
 
 
+def copy_without_record(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model and weights, as if no builder had recorded what built it."""
+    plain = copy.deepcopy(model)
+    del plain.__dict__["_megaspec_record"]
+    assert not has_record(plain)
+    return plain
+
+
 def test_explicit_spec_and_config(tmp_path) -> None:
     """A model that records nothing is saved with spec= and config=; without them, a clear error."""
     model = tiny()
-    spec, configs = model.megaspec_spec, model.megaspec_configs
-    del model.megaspec_spec, model.megaspec_configs
+    spec, configs = megaspec.build_record(model).spec, megaspec.build_record(model).configs
+    model = copy_without_record(model)
     with pytest.raises(SpecError, match="does not record the spec and config"):
         megaspec.save(model, tmp_path)
     megaspec.save(model, tmp_path, spec=spec, config=configs[""])
@@ -128,7 +138,7 @@ def test_build_and_model_inputs_read_checkpoints(tmp_path) -> None:
     model = tiny("llama")
     megaspec.save(model, tmp_path)
     spec, configs, _ = model_inputs(tmp_path)
-    assert spec == model.megaspec_spec and configs == model.megaspec_configs
+    assert spec == megaspec.build_record(model).spec and configs == megaspec.build_record(model).configs
     cfg = compose([f"+checkpoint={tmp_path}", "build.seq_len=8"])
     lines: list[str] = []
     result = build_and_report(cfg, out=lines.append)
@@ -206,4 +216,4 @@ def test_save_killed_midway_leaves_previous_checkpoint(tmp_path) -> None:
 def test_parse_spec_round_trip_of_manifest(tmp_path) -> None:
     model = tiny("llama")
     megaspec.save(model, tmp_path)
-    assert parse_spec(read_manifest(tmp_path)["spec"]) == model.megaspec_spec
+    assert parse_spec(read_manifest(tmp_path)["spec"]) == megaspec.build_record(model).spec

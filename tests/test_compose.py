@@ -93,9 +93,10 @@ def test_public_api_names():
 
 def test_slot_defaults_complete_a_bare_node():
     cfg = compose([*TINY, f"{LAYER}.submodules.self_attention=self_attention", f"{LAYER}.submodules.mlp=mlp"])
-    layer = build_model(cfg, device="meta").decoder.layers[0]
-    assert [layer.self_attention.linear_qkv._megaspec_name, layer.self_attention.core_attention._megaspec_name,
-            layer.mlp.linear_fc2._megaspec_name] == ["linear", "sdpa", "linear"]
+    names = megaspec.build_record(build_model(cfg, device="meta")).modules
+    layer = "decoder.layers.0"
+    assert [names[f"{layer}.self_attention.linear_qkv"].name, names[f"{layer}.self_attention.core_attention"].name,
+            names[f"{layer}.mlp.linear_fc2"].name] == ["linear", "sdpa", "linear"]
 
 
 def test_config_flag_and_spec_must_agree_on_qk_layernorm():

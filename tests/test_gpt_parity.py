@@ -9,15 +9,17 @@ from torch import Tensor, nn
 from megaspec.config import TransformerConfig
 from megaspec.models.gpt import GPTModel
 from megaspec.modules.activation import GELUTanh, SiLU
-from megaspec.modules.attention import SelfAttention
-from megaspec.modules.block import TransformerBlock
-from megaspec.modules.core_attention import EagerAttention, SDPAttention
-from megaspec.modules.embedding import LearnedPositionEmbedding, RotaryEmbedding, VocabEmbedding
-from megaspec.modules.heads import LMHead
-from megaspec.modules.layer import TransformerLayer
+from megaspec.modules.attention.core import EagerAttention, SDPAttention
+from megaspec.modules.attention.self_attention import SelfAttention
+from megaspec.modules.embedding.vocab import VocabEmbedding
+from megaspec.modules.head.lm_head import LMHead
+from megaspec.modules.layer.transformer_block import TransformerBlock
+from megaspec.modules.layer.transformer_layer import TransformerLayer
 from megaspec.modules.linear import Linear
-from megaspec.modules.mlp import MLP
+from megaspec.modules.mlp.mlp import MLP
 from megaspec.modules.norm import LayerNorm, RMSNorm
+from megaspec.modules.position.learned import LearnedPositionEmbedding
+from megaspec.modules.position.rotary import RotaryEmbedding
 
 NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
 

@@ -5,6 +5,7 @@ import torch
 from hf_cases import max_diff
 from torch import Tensor, nn
 
+import megaspec
 from megaspec import SpecError, build_model, build_module, compose
 from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
 
@@ -68,7 +69,7 @@ def test_bert_model_from_hf_matches_hf() -> None:
     hf = tiny_bert()
     ours = from_hf(hf)
     assert not ours.training and ours.lm_head is None
-    assert ours.megaspec_spec.to_dict()["submodules"]["pooler"] == {"module": "pooler"}
+    assert megaspec.build_record(ours).spec.to_dict()["submodules"]["pooler"] == {"module": "pooler"}
     assert_parity(ours, hf)
 
 
@@ -76,7 +77,7 @@ def test_bert_model_from_hf_matches_hf() -> None:
 def test_masked_lm_from_hf_matches_hf(tied: bool) -> None:
     hf = tiny_bert("BertForMaskedLM", tie_word_embeddings=tied)
     ours = from_hf(hf)
-    assert ours.pooler is None and ours.megaspec_configs[""].share_embeddings_and_output_weights is tied
+    assert ours.pooler is None and megaspec.build_record(ours).configs[""].share_embeddings_and_output_weights is tied
     assert (ours.lm_head.output_layer.weight is None) is tied
     # The head's bias is the one HF adds: decoder.bias (untied HF keeps an unused `bias` beside it).
     torch.testing.assert_close(ours.lm_head.output_layer.bias, hf.cls.predictions.decoder.bias, atol=0, rtol=0)
@@ -110,7 +111,7 @@ def test_save_pretrained_round_trip(tmp_path) -> None:
     hf = tiny_bert("BertForMaskedLM", hidden_act="gelu_new", type_vocab_size=3)
     hf.save_pretrained(tmp_path / "hf")
     ours = from_hf(tmp_path / "hf")
-    assert ours.lm_head is not None and ours.megaspec_configs[""].activation == "gelu_tanh"
+    assert ours.lm_head is not None and megaspec.build_record(ours).configs[""].activation == "gelu_tanh"
     assert ours.token_type_embedding.weight.shape == (3, 64)
     assert_parity(ours, hf)
     to_hf(ours, tmp_path / "back")

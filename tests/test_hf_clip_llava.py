@@ -5,6 +5,7 @@ import torch
 from hf_cases import max_diff
 from torch import Tensor, nn
 
+import megaspec
 from megaspec import SpecError, build_model, build_module, compose
 from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
 
@@ -96,7 +97,7 @@ def assert_same_state(hf: nn.Module, back: nn.Module) -> None:
 def test_clip_vision_from_hf_matches_hf_and_back() -> None:
     hf = tiny_clip(hidden_act="gelu")
     ours = from_hf(hf)
-    assert ours.megaspec_configs[""].activation == "gelu" and ours.num_patches == 16
+    assert megaspec.build_record(ours).configs[""].activation == "gelu" and ours.num_patches == 16
     with torch.no_grad():
         got, want = ours(pixels(2)), hf(pixels(2), output_hidden_states=True)
         assert max_diff(got.last_hidden_state, want.last_hidden_state) <= 1e-4
@@ -134,8 +135,8 @@ def test_clip_vision_with_projection_is_refused() -> None:
 def test_llava_from_hf_matches_hf() -> None:
     hf = tiny_llava()
     ours = from_hf(hf)
-    assert set(ours.megaspec_configs) == {"language", "vision"}
-    assert ours.megaspec_configs["vision"].num_layers == 3 and ours.megaspec_configs["language"].query_groups == 2
+    assert set(megaspec.build_record(ours).configs) == {"language", "vision"}
+    assert megaspec.build_record(ours).configs["vision"].num_layers == 3 and megaspec.build_record(ours).configs["language"].query_groups == 2
     assert ours.image_token_index == IMAGE and ours.num_image_tokens == 16  # class token dropped
     assert_llava_parity(ours, hf)
     assert_same_state(hf, to_hf(ours))

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hf_cases import VOCAB, assert_lm_parity, batch, max_diff, one_adamw_step
 
+import megaspec
 from megaspec import SpecError, build_module
 from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
 
@@ -62,7 +63,7 @@ def test_save_pretrained_round_trip(tmp_path) -> None:
     hf = tiny_gpt2(activation_function="gelu")
     hf.save_pretrained(tmp_path / "hf")
     ours = from_hf(tmp_path / "hf")
-    assert ours.megaspec_configs[""].activation == "gelu"
+    assert megaspec.build_record(ours).configs[""].activation == "gelu"
     assert_lm_parity(ours.eval(), hf)
     to_hf(ours, tmp_path / "back")
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()

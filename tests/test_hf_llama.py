@@ -4,6 +4,7 @@ import pytest
 import torch
 from hf_cases import VOCAB, assert_lm_parity, batch, lm_diffs, one_adamw_step
 
+import megaspec
 from megaspec import SpecError, build_module
 from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
 
@@ -31,7 +32,7 @@ def tiny_mistral(window: int | None = 4) -> torch.nn.Module:
 def test_llama_from_hf_matches_hf(kv_heads: int) -> None:
     hf = tiny_llama(kv_heads)
     ours = from_hf(hf)
-    config = ours.megaspec_configs[""]
+    config = megaspec.build_record(ours).configs[""]
     assert config.query_groups == kv_heads and config.rope_scaling.factor == 8.0
     assert_lm_parity(ours, hf)
 
@@ -57,7 +58,7 @@ def test_llama_untied_and_biased() -> None:
 def test_mistral_sliding_window_matches_hf() -> None:
     hf = tiny_mistral(window=4)
     ours = from_hf(hf)
-    assert ours.megaspec_configs[""].window_size == (3, 0)
+    assert megaspec.build_record(ours).configs[""].window_size == (3, 0)
     assert_lm_parity(ours, hf)
     # The window matters at this length: a model without it differs.
     assert lm_diffs(from_hf(tiny_mistral(window=None)), hf)["logits"] > 1e-3

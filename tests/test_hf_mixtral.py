@@ -4,6 +4,7 @@ import pytest
 import torch
 from hf_cases import VOCAB, assert_lm_parity, batch
 
+import megaspec
 from megaspec import build_module
 from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
 
@@ -37,7 +38,7 @@ def expert_choices(routers: list[torch.nn.Module], index: int, run) -> list[torc
 def test_from_hf_routes_and_computes_as_hf() -> None:
     hf = tiny_mixtral()
     ours = from_hf(hf)
-    config = ours.megaspec_configs[""]
+    config = megaspec.build_record(ours).configs[""]
     assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (4, 2, 48)
     input_ids, _ = batch()
     want = expert_choices([b.mlp.gate for b in hf.model.layers], 2, lambda: hf(input_ids))
@@ -62,7 +63,7 @@ def test_save_pretrained_round_trip(tmp_path) -> None:
     hf = tiny_mixtral(output_router_logits=True, router_aux_loss_coef=0.02)
     hf.save_pretrained(tmp_path / "hf")
     ours = from_hf(tmp_path / "hf")
-    assert ours.megaspec_configs[""].moe_aux_loss_coeff == pytest.approx(0.04)
+    assert megaspec.build_record(ours).configs[""].moe_aux_loss_coeff == pytest.approx(0.04)
     input_ids, mask = batch()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids, attention_mask=mask).logits[mask.bool()],

@@ -5,6 +5,7 @@ import torch
 from hf_cases import max_diff
 from torch import Tensor, nn
 
+import megaspec
 from megaspec import SpecError, build_model, build_module, compose
 from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
 
@@ -71,7 +72,7 @@ def assert_parity(ours: nn.Module, hf: nn.Module, atol: float = 1e-4) -> None:
 def test_from_hf_matches_hf(v1_1: bool) -> None:
     hf = tiny_t5(v1_1)
     ours = from_hf(hf)
-    config = ours.megaspec_configs[""]
+    config = megaspec.build_record(ours).configs[""]
     assert (config.gated_linear_unit, config.activation) == ((True, "gelu_tanh") if v1_1 else (False, "relu"))
     # v1.0: the head reads the embedding and rescales; v1.1: its own weight, no rescale.
     assert config.share_embeddings_and_output_weights is not v1_1

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_gpt_parity import fuse_qkv, load_hf_llama
 from torch import Tensor, nn
 
-from megaspec import SpecError, build_model, compose
+from megaspec import SpecError, build_model, build_record, compose
 from megaspec.models.llava import LLaVAModel
-from test_gpt_parity import fuse_qkv, load_hf_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB, IMAGE = 101, 100  # the image token is the last vocabulary id, as `<image>` in llava-1.5-7b-hf
@@ -265,10 +265,11 @@ def test_any_language_model_spec_plugs_in() -> None:
                    "model.config.language.share_embeddings_and_output_weights=true"])
     model = build_model(cfg, device="meta")
     lm = model.language_model
-    assert [lm.position_embedding._megaspec_name, lm.decoder.final_layernorm._megaspec_name] == [
-        "learned_position_embedding", "layer_norm"]
+    names = build_record(model).modules
+    assert [names["language_model.position_embedding"].name, names["language_model.decoder.final_layernorm"].name] \
+        == ["learned_position_embedding", "layer_norm"]
     assert lm.output_layer.weight is None  # tied, as GPT-2
-    assert model.vision_model.encoder.layers[0].mlp.activation._megaspec_name == "quick_gelu"
+    assert names["vision_model.encoder.layers.0.mlp.activation"].name == "quick_gelu"
     with torch.no_grad():
         assert model(**model.example_inputs(batch=1, seq=4, device="meta")).logits.shape == (1, 20, VOCAB)
 

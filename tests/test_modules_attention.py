@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megaspec.config import TransformerConfig
-from megaspec.models.gpt import causal_padding_mask
-from megaspec.modules.attention import SelfAttention
-from megaspec.modules.core_attention import EagerAttention, SDPAttention
-from megaspec.modules.embedding import RotaryEmbedding
+from megaspec.models.masks import causal_padding_mask
+from megaspec.modules.attention.core import EagerAttention, SDPAttention
+from megaspec.modules.attention.self_attention import SelfAttention
 from megaspec.modules.linear import Linear
 from megaspec.modules.norm import RMSNorm
+from megaspec.modules.position.rotary import RotaryEmbedding
 
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}  # query groups, for 4 query heads
 

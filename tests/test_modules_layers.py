@@ -10,12 +10,13 @@ from torch import nn
 
 from megaspec.config import TransformerConfig
 from megaspec.modules.activation import ACTIVATIONS, activation_from_config
-from megaspec.modules.embedding import LearnedPositionEmbedding, RotaryEmbedding, apply_rotary
-from megaspec.modules.heads import LMHead
-from megaspec.modules.layer import TransformerLayer
+from megaspec.modules.head.lm_head import LMHead
+from megaspec.modules.layer.transformer_layer import TransformerLayer
 from megaspec.modules.linear import Linear
-from megaspec.modules.mlp import MLP
+from megaspec.modules.mlp.mlp import MLP
 from megaspec.modules.norm import LayerNorm, Norm, RMSNorm
+from megaspec.modules.position.learned import LearnedPositionEmbedding
+from megaspec.modules.position.rotary import RotaryEmbedding, apply_rotary
 from megaspec.modules.utils import init_normal_
 
 
@@ -204,7 +205,7 @@ def test_mlp_activation_slot_overrides_config() -> None:
 
 
 class Double(nn.Module):
-    def forward(self, x: torch.Tensor, *args: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         return 2 * x
 
 

@@ -8,10 +8,11 @@ from torch import nn
 
 from megaspec import build_module, load_spec
 from megaspec.config import TransformerConfig
-from megaspec.modules.attention import SelfAttention
-from megaspec.modules.core_attention import SDPAttention
-from megaspec.modules.embedding import LearnedPositionEmbedding, RotaryEmbedding
+from megaspec.modules.attention.core import SDPAttention
+from megaspec.modules.attention.self_attention import SelfAttention
 from megaspec.modules.norm import LayerNorm, RMSNorm
+from megaspec.modules.position.learned import LearnedPositionEmbedding
+from megaspec.modules.position.rotary import RotaryEmbedding
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 

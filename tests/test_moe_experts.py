@@ -9,8 +9,11 @@ from torch import nn
 
 from megaspec.config import TransformerConfig
 from megaspec.modules.linear import Linear
-from megaspec.modules.moe import GroupedExperts, MoELayer, SequentialExperts, SharedExpertMLP, TopKRouter
 from megaspec.modules.moe import grouped_gemm
+from megaspec.modules.moe.experts import GroupedExperts, SequentialExperts
+from megaspec.modules.moe.layer import MoELayer
+from megaspec.modules.moe.router import TopKRouter
+from megaspec.modules.moe.shared import SharedExpertMLP
 
 E, K, H, T = 6, 2, 16, 40
 

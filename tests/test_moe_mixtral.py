@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_gpt_parity import fuse_qkv  # noqa: E402  (tests/ is on sys.path, see conftest)
 from torch import nn
 
 from megaspec import build_model, compose
 from megaspec.build import meta_forward
-from megaspec.modules.moe import GroupedExperts, MoELayer, SequentialExperts
-from megaspec.modules.mlp import MLP
-
-from test_gpt_parity import fuse_qkv  # noqa: E402  (tests/ is on sys.path, see conftest)
+from megaspec.modules.mlp.mlp import MLP
+from megaspec.modules.moe.experts import GroupedExperts, SequentialExperts
+from megaspec.modules.moe.layer import MoELayer
 
 ROOT = Path(__file__).resolve().parent.parent
 MIXTRAL_8X7B = 46_702_792_704

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from megaspec.config import TransformerConfig
-from megaspec.modules.moe import MoELayer, SequentialExperts, TopKRouter
+from megaspec.modules.moe.experts import SequentialExperts
+from megaspec.modules.moe.layer import MoELayer
+from megaspec.modules.moe.router import TopKRouter
 from megaspec.modules.moe.routing import drop_over_capacity
 
 E, K, H, T = 8, 2, 16, 64

@@ -79,7 +79,7 @@ def test_modules_declare_their_tp_plans():
     assert tp_plan_of(model.embedding) == {"": "vocab_parallel_embedding"}
     register_tp_plan("rms_norm", {"": "sequence_parallel"})  # a plug-in's way, by registered name
     try:
-        assert tp_plan_of(model.decoder.final_layernorm) == {"": "sequence_parallel"}
+        assert tp_plan_of(model.decoder.final_layernorm, "rms_norm") == {"": "sequence_parallel"}
     finally:
         _PLANS.pop("rms_norm")
     with pytest.raises(SpecError, match="unknown style"):

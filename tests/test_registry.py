@@ -66,12 +66,13 @@ def test_unknown_kind_and_bad_slot_declarations():
 
 def test_entries_have_kind_class_and_origin():
     by_name = {e.name: e for e in entries()}
-    assert by_name["self_attention"].kind == "attention"
+    assert by_name["self_attention"].kind == "self_attention"
+    assert by_name["cross_attention"].kind == "cross_attention"
     assert by_name["sdpa"].kind == "core_attention"
     assert by_name["gpt_model"].origin == "built-in"
     assert {e.name for e in entries("norm")} >= {"layer_norm", "rms_norm"}
     kinds = {e.kind for e in entries()}
-    assert kinds >= {"model", "embedding", "position_embedding", "block", "layer", "attention",
+    assert kinds >= {"model", "embedding", "position_embedding", "block", "layer", "self_attention", "cross_attention",
                      "core_attention", "mlp", "norm", "linear", "activation", "head"}
 
 

@@ -129,7 +129,7 @@ def test_slot_errors_unknown_required_and_wrong_kind(toys, write_yaml):
     """)
     assert errors_of(path, toys) == [
         f"{path}:7: layers[*].mlpp: toy_layer has no slot 'mlpp' (did you mean 'mlp'?); slots: norm, attn, mlp",
-        f"{path}:6: layers[*].attn: 'toy_mlp' is of kind mlp, but slot 'attn' of toy_layer takes attention",
+        f"{path}:6: layers[*].attn: 'toy_mlp' is of kind mlp, but slot 'attn' of toy_layer takes self_attention",
         f"{path}:4: layers[*].mlp: required slot 'mlp' of toy_layer is empty (needs a module of kind mlp or moe)",
     ]
 

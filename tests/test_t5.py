@@ -11,11 +11,12 @@ import yaml
 from test_gpt_parity import fuse_qkv
 from torch import Tensor, nn
 
-from megaspec.build import build_model, build_module, meta_forward
+from megaspec.build import build_module, meta_forward
 from megaspec.config import TransformerConfig
 from megaspec.errors import SpecError
+from megaspec.inputs import build_model
 from megaspec.models.t5 import T5Model
-from megaspec.modules.relative_position import relative_position_buckets
+from megaspec.modules.position.relative import relative_position_buckets
 from megaspec.spec import parse_spec
 from megaspec.validate import main as validate_main
 

@@ -50,21 +50,21 @@ def register_toys() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x)
 
-    @register("attention", "toy_attn", override=True)
+    @register("self_attention", "toy_attn", override=True)
     class ToyAttn(nn.Module):
         def __init__(self, config: TransformerConfig, mask: Literal["causal", "padding"] = "causal") -> None:
             super().__init__()
             self.mask = mask
             self.groups = config.query_groups
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, rotary=None) -> torch.Tensor:
             return x
 
     @register("layer", "toy_layer", override=True)
     class ToyLayer(nn.Module):
         slots: ClassVar[dict[str, Slot]] = {
             "norm": Slot("norm", required=False),
-            "attn": Slot("attention"),
+            "attn": Slot("self_attention"),
             "mlp": Slot(("mlp", "moe")),
         }
 
@@ -72,7 +72,7 @@ def register_toys() -> None:
             super().__init__()
             self.norm, self.attn, self.mlp = norm, attn, mlp
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, **masks_and_context) -> torch.Tensor:
             return self.mlp(self.attn(x))
 
     @register("block", "toy_stack", override=True)
@@ -83,7 +83,7 @@ def register_toys() -> None:
             super().__init__()
             self.layers = nn.ModuleList(layers)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, **masks_and_context) -> torch.Tensor:
             for layer in self.layers:
                 x = layer(x)
             return x

@@ -1,12 +1,8 @@
-"""The built-in models; importing this package registers them all."""
+"""The built-in models (one file per family) and what they share: outputs, masks, losses.
 
-from megaspec.models import (  # noqa: F401  (imported for registration)  # noqa: F401  (imported for registration)
-    bert,
-    gpt,
-    llava,
-    t5,
-    vision,
-)
+`megaspec.catalog` imports the families to register them.
+"""
+
 from megaspec.models.output import ModelOutput
 
 __all__ = ["ModelOutput"]

@@ -28,7 +28,7 @@ class BertModel(nn.Module):
         "position_embedding": Slot("position_embedding", required=False),
         "embedding_layernorm": Slot("norm", required=False),
         "encoder": Slot("block"),
-        "pooler": Slot("head", required=False),
+        "pooler": Slot("pooler", required=False),
         "lm_head": Slot("head", required=False),
     }
 
@@ -79,7 +79,7 @@ class BertModel(nn.Module):
 
         # Bidirectional: only padding is masked, and without padding there is no mask.
         mask = None if attention_mask is None else padding_mask(attention_mask)  # [b, 1, 1, s]
-        hidden_states = self.encoder(hidden_states, mask, rotary)  # [b, s, h]
+        hidden_states = self.encoder(hidden_states, attention_mask=mask, rotary=rotary)  # [b, s, h]
 
         pooled = None if self.pooler is None else self.pooler(hidden_states)  # [b, h]
         logits = loss = None

@@ -7,26 +7,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
+from megaspec.models.losses import causal_lm_loss
+from megaspec.models.masks import causal_padding_mask
 from megaspec.models.output import ModelOutput
 from megaspec.registry import Slot, register
-
-IGNORE_INDEX = -100  # label value that contributes no loss (HF and PyTorch convention)
-
-
-def causal_padding_mask(attention_mask: Tensor) -> Tensor:
-    """[b, s] keep-mask (1 = token, 0 = pad) -> [b, 1, s, s] bool, True = may attend."""
-    s = attention_mask.size(-1)
-    keep = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s]: which keys exist
-    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()  # [s, s]
-    # Every query also sees itself, so a query row that is all padding (e.g. left
-    # padding's first positions) still has one key and its softmax is not NaN.
-    diagonal = torch.eye(s, dtype=torch.bool, device=attention_mask.device)
-    return (causal & keep) | diagonal  # [b, 1, s, s]
 
 
 @register("model", "gpt_model")
 class GPTModel(nn.Module):
     """embedding -> position_embedding -> decoder -> output_layer, with an HF-style causal LM loss."""
+
+    # logits [b, s, vocab], labels [b, s] -> loss; also what a pipeline's last stage computes.
+    loss_function = staticmethod(causal_lm_loss)
 
     slots: ClassVar[dict[str, Slot]] = {
         "embedding": Slot("embedding"),
@@ -78,11 +70,11 @@ class GPTModel(nn.Module):
         # Built once for all layers. Without padding there is no mask at all, so
         # attention takes its is_causal fast path.
         mask = None if attention_mask is None else causal_padding_mask(attention_mask)
-        hidden_states = self.decoder(hidden_states, mask, rotary)  # [b, s, h]
+        hidden_states = self.decoder(hidden_states, attention_mask=mask, rotary=rotary)  # [b, s, h]
 
         weight = self.embedding.weight if self.share_embeddings_and_output_weights else None
         logits = self.output_layer(hidden_states, weight)  # [b, s, vocab]
-        loss = None if labels is None else causal_lm_loss(logits, labels)
+        loss = None if labels is None else self.loss_function(logits, labels)
         aux_loss = sum(m.aux_loss for m in self.aux_loss_modules) if self.aux_loss_modules else None
         if loss is not None and aux_loss is not None:
             loss = loss + aux_loss
@@ -93,10 +85,3 @@ class GPTModel(nn.Module):
         if device is None:
             device = next(self.parameters()).device
         return {"input_ids": torch.zeros(batch, seq, dtype=torch.long, device=device)}
-
-
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy: position t predicts labels[t + 1] (so labels=input_ids works)."""
-    # Shift the labels, not the logits: slicing [b, s, vocab] logits would copy them.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [b, s]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
-from megaspec.models.gpt import causal_padding_mask
 from megaspec.models.losses import token_cross_entropy
-from megaspec.models.masks import padding_mask
+from megaspec.models.masks import causal_padding_mask, padding_mask
 from megaspec.models.output import ModelOutput
 from megaspec.registry import Slot, register
 
@@ -63,7 +62,7 @@ class T5Model(nn.Module):
         # Encoder: bidirectional, padding masked; also the cross-attention mask.
         encoder_mask = None if attention_mask is None else padding_mask(attention_mask)  # [b, 1, 1, s]
         hidden_states = F.dropout(self.embedding(input_ids), self.dropout, self.training)  # [b, s, h]
-        encoder_output = self.encoder(hidden_states, encoder_mask)  # [b, s, h]
+        encoder_output = self.encoder(hidden_states, attention_mask=encoder_mask)  # [b, s, h]
         encoder_output = F.dropout(encoder_output, self.dropout, self.training)
 
         # Decoder: always an explicit causal mask, since a position bias is added to it
@@ -72,7 +71,8 @@ class T5Model(nn.Module):
             decoder_attention_mask = torch.ones_like(decoder_input_ids)
         decoder_mask = causal_padding_mask(decoder_attention_mask)  # [b, 1, t, t]
         hidden_states = F.dropout(self.embedding(decoder_input_ids), self.dropout, self.training)  # [b, t, h]
-        hidden_states = self.decoder(hidden_states, decoder_mask, None, encoder_output, encoder_mask)  # [b, t, h]
+        hidden_states = self.decoder(hidden_states, attention_mask=decoder_mask, context=encoder_output,
+                                     context_mask=encoder_mask)  # [b, t, h]
         hidden_states = F.dropout(hidden_states, self.dropout, self.training)
 
         weight = self.embedding.weight if self.share_embeddings_and_output_weights else None

@@ -7,7 +7,7 @@
 
 from megaspec.parallel.config import ParallelConfig, check_parallel, parallel_config, validate_parallel
 from megaspec.parallel.mesh import build_mesh
-from megaspec.parallel.parallelize import ParallelState, local_batch, parallelize, train_step
+from megaspec.parallel.parallelize import ParallelState, local_batch, parallel_state, parallelize, train_step
 from megaspec.parallel.plans import register_tp_plan, tp_plan_of
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "check_parallel",
     "local_batch",
     "parallel_config",
+    "parallel_state",
     "parallelize",
     "register_tp_plan",
     "tp_plan_of",

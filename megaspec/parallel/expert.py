@@ -19,13 +19,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from megaspec.errors import SpecError
-from megaspec.registry import iter_entries
-
-
-def experts_of(model: nn.Module) -> list[nn.Module]:
-    """Every module registered as kind `experts`."""
-    names = {e.name for e in iter_entries() if e.kind == "experts"}
-    return [m for m in model.modules() if getattr(m, "_megaspec_name", None) in names]
+from megaspec.record import Registered
 
 
 class ExpertParallel:
@@ -67,10 +61,10 @@ class ExpertParallel:
         return back.new_zeros(t, back.size(-1)).index_add(0, order // k, back)  # [t, h]
 
 
-def apply_ep(model: nn.Module, mesh: DeviceMesh) -> list[nn.Module]:
+def apply_ep(registered: dict[nn.Module, Registered], mesh: DeviceMesh) -> list[nn.Module]:
     """Keep this rank's experts (still on the meta device) and route tokens to them; returns the experts modules."""
     ep, rank = mesh.size(), mesh.get_local_rank()
-    found = experts_of(model)
+    found = [m for m, entry in registered.items() if entry.kind == "experts"]
     for module in found:
         total = module.num_experts
         if total % ep:

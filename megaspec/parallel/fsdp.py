@@ -8,14 +8,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from megaspec.registry import iter_entries
-
-
-def layers_of(model: nn.Module) -> list[nn.Module]:
-    """Every module registered as a `layer` (transformer layers, wherever their block sits)."""
-    layer_names = {e.name for e in iter_entries() if e.kind == "layer"}
-    return [m for m in model.modules() if getattr(m, "_megaspec_name", None) in layer_names]
-
 
 def _placement(param: nn.Parameter) -> Shard | None:
     """FSDP shards dim 0, except under a fused [gate | up] tensor-parallel split of dim 0: then dim 1."""
@@ -24,7 +16,7 @@ def _placement(param: nn.Parameter) -> Shard | None:
     return None
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True,
+def apply_fsdp(model: nn.Module, layers: list[nn.Module], mesh: DeviceMesh, reshard_after_forward: bool = True,
                expert_mesh: DeviceMesh | None = None, experts: list[nn.Module] = ()) -> nn.Module:
     """Shard parameters, gradients and optimizer state over `mesh`, one all-gather per layer.
 
@@ -36,7 +28,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool =
         # Even over one rank: this keeps the experts out of their layer's all-gather over `mesh`.
         fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward)
         module.set_gradient_divide_factor(float(mesh.size()))
-    for layer in layers_of(model):
+    for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, shard_placement_fn=_placement)
     # The root owns what no layer does (embeddings, final norm, output layer); it is
     # needed again at once for backward, so it is not resharded.

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from megaspec.init import check_buffers, init_method, poison_buffers
+
 # A wrapper's prefix that is not part of a parameter's name (activation checkpointing).
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.",)
 
@@ -59,7 +61,7 @@ def init_sharded(model: nn.Module, seed: int) -> None:
     """Run every module's init_weights (else reset_parameters) once, layout-independently."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for name, module in model.named_modules():
-            init = getattr(module, "init_weights", None) or getattr(module, "reset_parameters", None)
+            init = init_method(module)
             if not callable(init):
                 continue
             torch.manual_seed(module_seed(seed, name))
@@ -70,5 +72,8 @@ def init_sharded(model: nn.Module, seed: int) -> None:
 def materialize_sharded(model: nn.Module, device: str | torch.device, seed: int) -> nn.Module:
     """Allocate this rank's shards on `device` (`to_empty`) and initialise them from `seed`."""
     model.to_empty(device=device)
+    with torch.no_grad():
+        poisoned = poison_buffers(model)
     init_sharded(model, seed)
+    check_buffers(poisoned)
     return model

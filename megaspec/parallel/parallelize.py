@@ -18,6 +18,9 @@ from megaspec.parallel.mesh import build_mesh, default_device_type, dim_rank, di
 from megaspec.parallel.pipeline import PipelineStageModel, build_schedule, tied_embedding_groups
 from megaspec.parallel.recompute import apply_recompute
 from megaspec.parallel.tp import apply_tp
+from megaspec.record import attach_record, build_record, registered_modules
+
+_STATE = "_megaspec_parallel_state"  # runtime handles (mesh, schedule): not part of the BuildRecord
 
 
 @dataclass
@@ -61,11 +64,13 @@ def parallelize(model: nn.Module, cfg: Any, mesh: DeviceMesh | None = None, *,
     `to_empty` + layout-independent init from `seed` (default: drawn from torch's
     global RNG, so `torch.manual_seed` before this call fixes the weights). For
     pipeline parallelism the returned module is this rank's stage. Returns the
-    model; `model.megaspec_parallel` holds the ParallelState that `train_step` uses.
+    model; `parallel_state(model)` is the ParallelState that `train_step` uses, and the
+    model's BuildRecord gains the layout.
     """
     pc = parallel_config(cfg)
     world = world_size()
-    validate_parallel(getattr(model, "megaspec_configs", None), pc, world)
+    record = build_record(model)
+    validate_parallel(record.configs, pc, world)
     if mesh is None and world > 1:
         mesh = build_mesh(pc)
     dev = _device(cfg, mesh, device)
@@ -75,30 +80,41 @@ def parallelize(model: nn.Module, cfg: Any, mesh: DeviceMesh | None = None, *,
     pp, tp, ep, dp = (dim_size(mesh, d) for d in ("pp", "tp", "ep", "dp"))
 
     tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
+    # Which module is which, by object: found before any plan wraps or re-roots the model.
+    registered = registered_modules(model)
+    layers = [m for m, entry in registered.items() if entry.kind == "layer"]
+    # The last pipeline stage computes the loss from logits, with the function the model declares.
+    loss_function = getattr(model, "loss_function", None)
     if pp > 1:
         model = PipelineStageModel(model, dim_rank(mesh, "pp"), pp)
     if tp > 1:
-        apply_tp(model, mesh["tp"], pc.sequence_parallel)
-    experts = apply_ep(model, mesh["ep"]) if ep > 1 else []
-    apply_recompute(model, pc)
+        apply_tp(model, registered, mesh["tp"], pc.sequence_parallel)
+    experts = apply_ep(registered, mesh["ep"]) if ep > 1 else []
+    stage_layers = {id(m) for m in model.modules()}
+    layers = [m for m in layers if id(m) in stage_layers]  # a pipeline stage holds only its own
+    apply_recompute(model, layers, pc)
     if dp > 1:
-        apply_fsdp(model, mesh["dp"], pc.reshard_after_forward, mesh["edp"], experts)
+        apply_fsdp(model, layers, mesh["dp"], pc.reshard_after_forward, mesh["edp"], experts)
     if meta:
         materialize_sharded(model, dev, seed)
 
     state = ParallelState(pc, mesh)
     if pp > 1:
-        from megaspec.models.gpt import causal_lm_loss
-
-        state.schedule = build_schedule(model, mesh, pc.pipeline_schedule, pc.microbatches, causal_lm_loss, dev)
+        state.schedule = build_schedule(model, mesh, pc.pipeline_schedule, pc.microbatches, loss_function, dev)
         state.tied_group = tied_embedding_groups(mesh) if tied else None
-    model.megaspec_parallel = state  # type: ignore[assignment]
+    object.__setattr__(model, _STATE, state)
+    attach_record(model, record.with_parallel(pc.model_dump()))
     return model
+
+
+def parallel_state(model: nn.Module) -> ParallelState | None:
+    """The runtime layout (mesh, pipeline schedule) `parallelize` gave the model; None if it was not parallelised."""
+    return getattr(model, _STATE, None)
 
 
 def local_batch(model: nn.Module, batch: Tensor) -> Tensor:
     """This rank's slice of a global batch [B, ...] (ranks that differ only in TP or PP read the same one)."""
-    state: ParallelState | None = getattr(model, "megaspec_parallel", None)
+    state = parallel_state(model)
     if state is None or state.dp_size == 1:
         return batch
     return batch.chunk(state.dp_size)[state.dp_rank]
@@ -117,7 +133,7 @@ def train_step(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None
     `inputs` are further model inputs (e.g. decoder_input_ids); pipelined models take tokens only.
     """
     labels = input_ids if labels is None else labels
-    state: ParallelState | None = getattr(model, "megaspec_parallel", None)
+    state = parallel_state(model)
     if state is None or state.schedule is None:
         loss = model(input_ids=input_ids, labels=labels, **inputs).loss
         loss.backward()

@@ -42,7 +42,7 @@ class StageDecoder(nn.Module):
 
     def forward(self, hidden_states: Tensor, rotary: Any = None) -> Tensor:  # [b, s, h] -> [b, s, h]
         for layer in self.layers.values():
-            hidden_states = layer(hidden_states, None, rotary)
+            hidden_states = layer(hidden_states, rotary=rotary)
         return self.final_layernorm(hidden_states)
 
 

@@ -48,9 +48,9 @@ def register_tp_plan(module: str | type[nn.Module], plan: Mapping[str, str]) -> 
     _PLANS[module] = _checked(plan, module if isinstance(module, str) else module.__qualname__)
 
 
-def tp_plan_of(module: nn.Module) -> dict[str, str] | None:
-    """The plan a module declares (registered by class, by name, or its `tp_plan`), or None."""
-    for key in (type(module), getattr(module, "_megaspec_name", None)):
+def tp_plan_of(module: nn.Module, registered_name: str | None = None) -> dict[str, str] | None:
+    """The plan a module declares (registered by class, by its registered name, or its `tp_plan`), or None."""
+    for key in (type(module), registered_name):
         if key is not None and key in _PLANS:
             return _PLANS[key]
     plan = getattr(module, "tp_plan", None)

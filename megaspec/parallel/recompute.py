@@ -8,7 +8,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megaspec.parallel.config import ParallelConfig
-from megaspec.parallel.fsdp import layers_of
 
 
 def _checkpointed(module: nn.Module) -> None:
@@ -21,7 +20,7 @@ def _checkpointed(module: nn.Module) -> None:
     module.forward = recomputed  # type: ignore[method-assign]
 
 
-def apply_recompute(model: nn.Module, cfg: ParallelConfig) -> int:
+def apply_recompute(model: nn.Module, layers: list[nn.Module], cfg: ParallelConfig) -> int:
     """Checkpoint the configured layers (all when recompute_layers is None); returns how many modules."""
     if cfg.recompute_granularity is None:
         return 0
@@ -29,7 +28,7 @@ def apply_recompute(model: nn.Module, cfg: ParallelConfig) -> int:
              for name, m in model.named_modules()}
     chosen = None if cfg.recompute_layers is None else set(cfg.recompute_layers)
     count = 0
-    for layer in layers_of(model):
+    for layer in layers:
         if chosen is not None and index.get(id(layer)) not in chosen:
             continue
         if cfg.recompute_granularity == "full":

@@ -24,10 +24,10 @@ from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from megaspec.errors import SpecError
 from megaspec.parallel.plans import tp_plan_of
-from megaspec.registry import iter_entries
+from megaspec.record import Registered
 
 # Kinds whose weights must be split under tensor parallelism: one without a plan is an error.
-MUST_SHARD = ("attention", "mlp", "moe", "experts")
+MUST_SHARD = ("self_attention", "cross_attention", "mlp", "moe", "experts")
 
 
 def _shard_params(module: nn.Module, mesh: DeviceMesh, placement: Placement, src_data_rank: int | None) -> None:
@@ -162,17 +162,15 @@ def make_style(style: str, sequence_parallel: bool) -> ParallelStyle | None:
     raise SpecError(f"unknown tensor-parallel style '{style}'")
 
 
-def _kinds() -> dict[str, str]:
-    return {e.name: e.kind for e in iter_entries()}
-
-
-def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
+def apply_tp(model: nn.Module, registered: dict[nn.Module, Registered], mesh: DeviceMesh,
+             sequence_parallel: bool = False) -> nn.Module:
     """Shard every module that declares a tp_plan over the 1-D tensor-parallel `mesh`, in place."""
     tp = mesh.size()
     if sequence_parallel and any(getattr(m, "cross_attention", None) is not None for m in model.modules()):
         raise SpecError("sequence_parallel is not supported for models with cross-attention (encoder-decoder) yet; "
                         "use tensor parallelism without it")
-    planned = [(fqn, m, plan) for fqn, m in model.named_modules() if (plan := tp_plan_of(m))]
+    planned = [(fqn, m, plan) for fqn, m in model.named_modules()
+               if (plan := tp_plan_of(m, registered[m].name if m in registered else None))]
     covered: set[int] = set()
     for fqn, module, plan in planned:
         covered.add(id(module))
@@ -193,9 +191,8 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = False
             parallel_style = make_style(style, sequence_parallel)
             if parallel_style is not None:
                 parallelize_module(target, mesh, parallel_style)
-    kinds = _kinds()
     for fqn, module in model.named_modules():
-        kind = kinds.get(getattr(module, "_megaspec_name", ""), "")
+        kind = registered[module].kind if module in registered else ""
         if kind in MUST_SHARD and id(module) not in covered and any(True for _ in module.parameters()):
             raise SpecError(
                 f"{fqn}: {type(module).__qualname__} ({kind}) declares no tp_plan, so tensor parallelism "

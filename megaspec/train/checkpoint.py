@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from megaspec.errors import SpecError
 from megaspec.parallel.expert import globalize_experts, localize_experts, unsupported_expert_checkpoint
+from megaspec.parallel.parallelize import parallel_state
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -51,7 +52,7 @@ def _rank() -> int:
 
 
 def _mesh(model: nn.Module) -> Any:
-    layout = getattr(model, "megaspec_parallel", None)
+    layout = parallel_state(model)
     return None if layout is None else layout.mesh
 
 

@@ -23,12 +23,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+import megaspec.train.checkpoint as checkpoint
 from megaspec.build import build_module
-from megaspec.compose import model_inputs
+from megaspec.configs import root_config
 from megaspec.errors import SpecError
-from megaspec.resolve import root_config
+from megaspec.inputs import model_inputs
+from megaspec.record import build_record
 from megaspec.summary import count_parameters, forward_flops
-from megaspec.train import checkpoint
 from megaspec.train.balance import ExpertBiasUpdater
 from megaspec.train.data import ByteTokenizer, make_data, micro_batches
 from megaspec.train.metrics import MetricsFile, ProgressBar, peak_flops, plot_loss
@@ -96,13 +97,13 @@ def _fit_vocab(cfg: DictConfig, out: Callable[[str], None]) -> None:
 
 def _parallelize(model: nn.Module, cfg: DictConfig, env: Dist, seed: int) -> tuple[nn.Module, Any]:
     """Apply the `parallel` plans (FSDP2 data parallel by default) and materialise; returns (model, its state)."""
-    from megaspec.parallel import build_mesh, parallel_config, parallelize
+    from megaspec.parallel import build_mesh, parallel_config, parallel_state, parallelize
 
     pc = parallel_config(cfg)
-    mesh = build_mesh(pc, env.device.type, getattr(model, "megaspec_configs", None)) if env.world_size > 1 else None
+    mesh = build_mesh(pc, env.device.type, build_record(model).configs) if env.world_size > 1 else None
     # Initialisation is seeded per module from `seed`: the same weights at any world size and layout.
     model = parallelize(model, pc, mesh, device=env.device, seed=seed)
-    return model, getattr(model, "megaspec_parallel", None)
+    return model, parallel_state(model)
 
 
 def _grad_sync(model: nn.Module, sync: bool) -> None:
@@ -211,10 +212,10 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
     # Meta build first: FLOPs are counted on it for free, then the plans are applied and
     # only this process's shards are materialised.
     model = build_module(spec, configs, device="meta", allow_imports=allow)
-    if getattr(model, "_megaspec_name", None) not in CAUSAL_LMS:
+    root = build_record(model).modules[""].name
+    if root not in CAUSAL_LMS:
         raise SpecError(f"megaspec train trains decoder-only language models ({', '.join(CAUSAL_LMS)} at the "
-                        f"spec root, e.g. model=gpt2, llama or mixtral); this model is "
-                        f"'{getattr(model, '_megaspec_name', type(model).__name__)}'")
+                        f"spec root, e.g. model=gpt2, llama or mixtral); this model is '{root}'")
     n_params = count_parameters(model)
     fwd = forward_flops(model, seq_len)
     train_flops_per_token = 3 * fwd / seq_len if fwd else 6 * n_params  # backward costs twice the forward

@@ -1,8 +1,8 @@
 """Weights between HF transformers and megaspec: `from_hf` and `to_hf`.
 
 `from_hf` translates the HF config into a megaspec spec tree and TransformerConfig
-(attached to the model as `megaspec_spec` / `megaspec_configs`, so `megaspec.save`
-writes them out), builds the model with the ordinary builder and moves every
+(recorded in the model's BuildRecord by the builder, so `megaspec.save` writes
+them out), builds the model with the ordinary builder and moves every
 tensor through the family's rules. `to_hf` runs the same rules backwards.
 transformers is imported only when these functions are called.
 """
@@ -18,6 +18,7 @@ from torch import nn
 
 from megaspec.build import build_module
 from megaspec.config import DTYPES
+from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
 from megaspec.interop.hf.bert import Bert, BertForMaskedLM
 from megaspec.interop.hf.clip import CLIPVision
@@ -26,7 +27,7 @@ from megaspec.interop.hf.gpt2 import GPT2
 from megaspec.interop.hf.llama import Llama, Mistral, Mixtral
 from megaspec.interop.hf.llava import Llava
 from megaspec.interop.hf.t5 import T5
-from megaspec.resolve import Configs, make_configs
+from megaspec.record import described
 from megaspec.spec import ModuleSpec, parse_spec
 
 # Tried in this order by to_hf: the first whose HF config reproduces the model's spec and config wins.
@@ -121,16 +122,7 @@ def from_hf(model_or_path: Any, *, device: str | torch.device = "cpu") -> nn.Mod
     from megaspec.checkpoint import fill
 
     fill(model, done.tensors, device)
-    model.megaspec_spec, model.megaspec_configs = spec, configs
     return model.train(hf.training)
-
-
-def _described(model: nn.Module, spec: ModuleSpec | None, config: Any) -> tuple[ModuleSpec, Configs]:
-    spec = spec if spec is not None else getattr(model, "megaspec_spec", None)
-    config = config if config is not None else getattr(model, "megaspec_configs", None)
-    if spec is None or config is None:
-        raise SpecError("this model does not record its spec and config: pass spec= and config=")
-    return spec, make_configs(config)
 
 
 def _normalised(data: Any) -> Any:
@@ -184,7 +176,7 @@ def to_hf(model: nn.Module, save_directory: str | os.PathLike[str] | None = None
           spec: ModuleSpec | None = None, config: Any = None) -> Any:
     """megaspec model -> the HF transformers model with the same weights (saved with save_pretrained on request)."""
     transformers = _transformers()
-    spec, configs = _described(model, spec, config)
+    spec, configs, _ = described(model, spec, config)
     family, hf_config = match_family(spec, configs)
     ours = {k: v for k, v in model.state_dict().items()}
     dtype = _float_dtype(ours)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from megaspec.config import TransformerConfig
+from megaspec.configs import Configs
 from megaspec.interop.hf.core import (
     Family,
     Rule,
@@ -24,7 +25,7 @@ from megaspec.interop.hf.core import (
     split_qkv,
     unsupported,
 )
-from megaspec.resolve import Configs
+
 
 class Bert(Family):
     """BERT's encoder with the pooler (HF `BertModel`): post-LN layers, learned positions and token types."""

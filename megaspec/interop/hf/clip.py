@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from megaspec.config import TransformerConfig
+from megaspec.configs import Configs
 from megaspec.interop.hf.core import (
     Family,
     Rule,
@@ -24,7 +25,6 @@ from megaspec.interop.hf.core import (
     shipped_spec,
     split_qkv,
 )
-from megaspec.resolve import Configs
 
 # The tower reads neither a vocabulary, a position limit (its positions are one per patch) nor a tie.
 VISION_UNREAD = frozenset({"vocab_size", "max_position_embeddings", "share_embeddings_and_output_weights"})

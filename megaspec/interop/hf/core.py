@@ -21,9 +21,9 @@ import yaml
 from torch import Tensor
 
 from megaspec.config import TransformerConfig
+from megaspec.configs import Configs
 from megaspec.errors import Problem, SpecError
 from megaspec.paths import specs_dir
-from megaspec.resolve import Configs
 
 Transform = Callable[..., tuple[Tensor, ...]]
 _FIELD = re.compile(r"\{(\w+)\}")

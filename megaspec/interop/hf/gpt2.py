@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from megaspec.configs import Configs
 from megaspec.interop.hf.core import (
     Family,
     Rule,
@@ -19,7 +20,6 @@ from megaspec.interop.hf.core import (
     transposed,
     unsupported,
 )
-from megaspec.resolve import Configs
 
 
 class GPT2(Family):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from megaspec.config import TransformerConfig
+from megaspec.configs import Configs
 from megaspec.errors import SpecError
 from megaspec.interop.hf.core import (
     Family,
@@ -24,7 +25,6 @@ from megaspec.interop.hf.core import (
     token_ids,
     unsupported,
 )
-from megaspec.resolve import Configs
 
 
 def rope_parameters(c: Any) -> dict[str, Any]:

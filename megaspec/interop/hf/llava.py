@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
+from megaspec.configs import Configs
 from megaspec.errors import SpecError
 from megaspec.interop.hf.clip import VISION_UNREAD, hf_vision_config, vision_config, vision_rules, vision_spec
 from megaspec.interop.hf.core import (
@@ -26,7 +27,6 @@ from megaspec.interop.hf.core import (
     unsupported,
 )
 from megaspec.interop.hf.llama import Llama, decoder_rules
-from megaspec.resolve import Configs
 
 # LLaVAModel's params as HF's LlavaConfig defaults them.
 DEFAULT_PARAMS = {"image_token_index": 32000, "vision_feature_layer": -2, "vision_feature_select_strategy": "default"}

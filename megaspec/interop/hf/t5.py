@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from megaspec.configs import Configs
 from megaspec.errors import SpecError
 from megaspec.interop.hf.core import (
     Family,
@@ -34,7 +35,6 @@ from megaspec.interop.hf.core import (
     token_ids,
     unsupported,
 )
-from megaspec.resolve import Configs
 
 
 def fuse_kv(k: Tensor, v: Tensor, groups: int) -> Tensor:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
-from megaspec.modules.mlp import MLP
+from megaspec.modules.mlp.mlp import MLP
 from megaspec.modules.utils import init_normal_, params_dtype
 from megaspec.registry import register
 

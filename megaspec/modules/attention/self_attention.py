@@ -6,11 +6,12 @@ from typing import ClassVar, Literal
 from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
-from megaspec.modules.embedding import Rotary, apply_rotary
+from megaspec.kinds import Rotary
+from megaspec.modules.position.rotary import apply_rotary
 from megaspec.registry import Slot, register
 
 
-@register("attention", "self_attention")
+@register("self_attention", "self_attention")
 class SelfAttention(nn.Module):
     """Multi-head, grouped-query or multi-query self-attention (from the head counts in the config).
 
@@ -58,7 +59,8 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.rotary_interleaved = config.rotary_interleaved
         self.attn_mask_type = attn_mask_type
-        # With no explicit mask, "causal" lets the kernel apply causality itself (its fast path).
+        # Causal attends causally with or without a mask: the core folds causality into any mask
+        # it is given (padding, a position bias), and takes the kernel's fast path when there is none.
         self.causal = attn_mask_type == "causal"
         self.ignore_mask = attn_mask_type == "no_mask"
 
@@ -109,7 +111,7 @@ class SelfAttention(nn.Module):
             key.transpose(1, 2),  # [b, ng, s, d]
             value.transpose(1, 2),  # [b, ng, s, d]
             attention_mask,
-            self.causal and attention_mask is None,
+            self.causal,
         )  # [b, nh, s, d]
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, s, nh * d]
         return self.linear_proj(out)  # [b, s, h]

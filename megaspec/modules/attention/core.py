@@ -5,8 +5,9 @@ Both implementations share one interface:
 attention_mask, is_causal) -> [b, nh, sq, d]`, where `attention_mask` is a
 boolean mask broadcastable to [b, nh, sq, sk] (True = attend), a float mask of
 the query's dtype added to the scores (a position bias with -inf or a large
-negative value where masked, as T5's), or None, and
-query head i reads key/value head i // (nh / ng) (GQA groups are contiguous).
+negative value where masked, as T5's), or None; `is_causal` asks for causality
+on top of any mask; and query head i reads key/value head i // (nh / ng) (GQA
+groups are contiguous).
 `softmax_scale` (a param) replaces 1/sqrt(d): T5 uses 1.0, having folded the
 scale into its initialisation.
 """
@@ -19,25 +20,33 @@ from megaspec.config import TransformerConfig
 from megaspec.registry import register
 
 
-def sliding_window_mask(
-    attention_mask: Tensor | None, is_causal: bool, window: tuple[int, int], sq: int, sk: int, device: torch.device
-) -> Tensor:
-    """`attention_mask` with a sliding window (config.window_size) and, if asked, causality folded in."""
-    q = torch.arange(sq, device=device)[:, None]  # [sq, 1]
+def combined_mask(attention_mask: Tensor | None, is_causal: bool, window: tuple[int, int] | None,
+                  sq: int, sk: int, device: torch.device) -> tuple[Tensor | None, bool]:
+    """(mask, is_causal) for the kernel: causality and a sliding window folded into `attention_mask`.
+
+    Only with no mask, no window and as many queries as keys does causality stay a flag
+    (the kernels' fast path, top-left aligned). Otherwise it is part of the mask, aligned
+    bottom-right: the queries are the last `sq` of the `sk` positions, so a causal
+    attention stays causal whatever mask or bias it is given.
+    """
+    if window is None and (not is_causal or (attention_mask is None and sq == sk)):
+        return attention_mask, is_causal
+    q = torch.arange(sk - sq, sk, device=device)[:, None]  # [sq, 1]: absolute query positions
     k = torch.arange(sk, device=device)[None, :]  # [1, sk]
-    left, right = window
     band = torch.ones(sq, sk, dtype=torch.bool, device=device)  # [sq, sk], True = attend
-    if left >= 0:
-        band = band & (k >= q - left)
-    if right >= 0:
-        band = band & (k <= q + right)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            band = band & (k >= q - left)
+        if right >= 0:
+            band = band & (k <= q + right)
     if is_causal:
         band = band & (k <= q)
     if attention_mask is None:
-        return band
+        return band, False
     if attention_mask.dtype == torch.bool:
-        return attention_mask & band
-    return attention_mask.masked_fill(~band, float("-inf"))  # additive mask: -inf outside the window
+        return attention_mask & band, False
+    return attention_mask.masked_fill(~band, float("-inf")), False  # additive: -inf outside the band
 
 
 @register("core_attention", "sdpa")
@@ -56,11 +65,8 @@ class SDPAttention(nn.Module):
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, is_causal: bool
     ) -> Tensor:
-        if self.window_size is not None:  # a sliding window needs an explicit mask
-            attention_mask = sliding_window_mask(
-                attention_mask, is_causal, self.window_size, query.size(-2), key.size(-2), query.device
-            )
-            is_causal = False
+        attention_mask, is_causal = combined_mask(
+            attention_mask, is_causal, self.window_size, query.size(-2), key.size(-2), query.device)
         return F.scaled_dot_product_attention(
             query,
             key,
@@ -87,11 +93,8 @@ class EagerAttention(nn.Module):
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, is_causal: bool
     ) -> Tensor:
-        if self.window_size is not None:
-            attention_mask = sliding_window_mask(
-                attention_mask, is_causal, self.window_size, query.size(-2), key.size(-2), query.device
-            )
-            is_causal = False
+        attention_mask, is_causal = combined_mask(
+            attention_mask, is_causal, self.window_size, query.size(-2), key.size(-2), query.device)
         if self.heads_per_group > 1:
             key = key.repeat_interleave(self.heads_per_group, dim=1)  # [b, nh, sk, d]
             value = value.repeat_interleave(self.heads_per_group, dim=1)

@@ -11,7 +11,7 @@ from megaspec.modules.activation import activation_from_config
 from megaspec.registry import Slot, register
 
 
-@register("head", "pooler")
+@register("pooler", "pooler")
 class Pooler(nn.Module):
     """tanh(dense(h[:, 0])): one vector per sequence, read from its first ([CLS]) token (BERT)."""
 

@@ -1,81 +1,19 @@
-"""Token and position embeddings.
+"""Rotary position embeddings (RoPE): the (cos, sin) tables, their scalings, and the rotation.
 
-Position embeddings share one interface so a model never needs to know which
-kind it holds: `forward(hidden_states, position_ids) -> (hidden_states, rotary)`.
-Additive kinds (learned) return the new hidden states and `rotary=None`;
-rotary kinds return the hidden states unchanged and the `(cos, sin)` pair the
+A rotary kind returns the hidden states unchanged plus the `(cos, sin)` pair the
 attention layers apply to queries and keys.
 """
 
 import math
-from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
-from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from megaspec.config import RopeScaling, TransformerConfig
-from megaspec.modules.utils import init_normal_, params_dtype
+from megaspec.kinds import Rotary
 from megaspec.registry import register
 
-Rotary = tuple[Tensor, Tensor]
-
-
-@register("embedding", "vocab_embedding")
-class VocabEmbedding(nn.Module):
-    """Token ids -> vectors. `weight` is public: a tied output layer reads it."""
-
-    tp_plan: ClassVar[dict[str, str]] = {"": "vocab_parallel_embedding"}  # rows split over ranks
-
-    def __init__(self, config: TransformerConfig) -> None:
-        super().__init__()
-        self.init_std = config.init_method_std
-        self.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=params_dtype(config)))
-
-    def init_weights(self) -> None:
-        """Weight ~ N(0, init_method_std)."""
-        init_normal_(self.weight, self.init_std)
-
-    def forward(self, input_ids: Tensor) -> Tensor:  # [b, s] -> [b, s, h]
-        return F.embedding(input_ids, self.weight)
-
-
-@register("embedding", "token_type_embedding")
-class TokenTypeEmbedding(nn.Module):
-    """Segment ids (sentence A / B) -> vectors, added to the token embeddings (BERT)."""
-
-    def __init__(self, config: TransformerConfig, *, num_token_types: PositiveInt = 2) -> None:
-        super().__init__()
-        self.init_std = config.init_method_std
-        self.weight = nn.Parameter(torch.empty(num_token_types, config.hidden_size, dtype=params_dtype(config)))
-
-    def init_weights(self) -> None:
-        """Weight ~ N(0, init_method_std)."""
-        init_normal_(self.weight, self.init_std)
-
-    def forward(self, token_type_ids: Tensor) -> Tensor:  # [b, s] -> [b, s, h]
-        return F.embedding(token_type_ids, self.weight)
-
-
-@register("position_embedding", "learned_position_embedding")
-class LearnedPositionEmbedding(nn.Module):
-    """A learned table of absolute positions, added to the hidden states (GPT-2, BERT)."""
-
-    def __init__(self, config: TransformerConfig) -> None:
-        super().__init__()
-        self.init_std = config.init_method_std
-        self.weight = nn.Parameter(
-            torch.empty(config.max_position_embeddings, config.hidden_size, dtype=params_dtype(config))
-        )
-
-    def init_weights(self) -> None:
-        """Weight ~ N(0, init_method_std)."""
-        init_normal_(self.weight, self.init_std)
-
-    def forward(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, None]:
-        # [b, s, h] + [b or 1, s, h]
-        return hidden_states + F.embedding(position_ids, self.weight), None
+__all__ = ["Rotary", "RotaryEmbedding", "apply_rotary", "llama3_scaled"]
 
 
 @register("position_embedding", "rotary_embedding")

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
-from megaspec.modules.embedding import Rotary
+from megaspec.kinds import Rotary
 from megaspec.registry import Slot, register
 
 
@@ -34,10 +34,10 @@ class TransformerLayer(nn.Module):
 
     slots: ClassVar[dict[str, Slot]] = {
         "input_layernorm": Slot("norm", required=False),
-        "self_attention": Slot("attention", required=False),
+        "self_attention": Slot("self_attention", required=False),
         "post_self_attn_layernorm": Slot("norm", required=False),
         "pre_cross_attn_layernorm": Slot("norm", required=False),
-        "cross_attention": Slot("attention", required=False),
+        "cross_attention": Slot("cross_attention", required=False),
         "post_cross_attn_layernorm": Slot("norm", required=False),
         "pre_mlp_layernorm": Slot("norm", required=False),
         "mlp": Slot(("mlp", "moe"), required=False),
@@ -82,12 +82,12 @@ class TransformerLayer(nn.Module):
         context_mask: Tensor | None = None,
     ) -> Tensor:  # [b, s, h] -> [b, s, h]
         if self.self_attention is not None:
-            x = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary)
+            x = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask, rotary=rotary)
             hidden_states = self.post_self_attn_layernorm(self._residual(hidden_states, x))
         if self.cross_attention is not None:
             # Queries from the layer, keys and values from `context` [b, sk, h] (an encoder's output).
             x = self.cross_attention(
-                self.pre_cross_attn_layernorm(hidden_states), attention_mask=context_mask, context=context
+                self.pre_cross_attn_layernorm(hidden_states), context=context, attention_mask=context_mask
             )
             hidden_states = self.post_cross_attn_layernorm(self._residual(hidden_states, x))
         if self.mlp is not None:

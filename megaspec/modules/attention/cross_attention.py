@@ -9,7 +9,7 @@ from megaspec.config import TransformerConfig
 from megaspec.registry import Slot, register
 
 
-@register("attention", "cross_attention")
+@register("cross_attention", "cross_attention")
 class CrossAttention(nn.Module):
     """Multi-head (or grouped-query) attention of hidden states [b, sq, h] over a context [b, sk, h].
 
@@ -64,11 +64,7 @@ class CrossAttention(nn.Module):
             output_proj=True,
         )
 
-    def forward(
-        self, hidden_states: Tensor, attention_mask: Tensor | None = None, context: Tensor | None = None
-    ) -> Tensor:
-        if context is None:
-            raise ValueError("cross-attention needs a context (the encoder output); none was passed")
+    def forward(self, hidden_states: Tensor, context: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         b, sq, _ = hidden_states.shape
         sk = context.size(1)
         query = self.linear_q(hidden_states).view(b, sq, self.num_heads, self.head_dim)  # [b, sq, nh, d]

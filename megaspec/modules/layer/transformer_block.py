@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
-from megaspec.modules.embedding import Rotary
+from megaspec.kinds import Rotary
 from megaspec.registry import Slot, register
 
 
@@ -69,5 +69,6 @@ class TransformerBlock(nn.Module):
             bias = self.attention_bias(s, s).to(hidden_states.dtype)  # [1, nh, s, s]
             attention_mask = add_attention_bias(bias, attention_mask)  # [b or 1, nh, s, s]
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, rotary, context, context_mask)
+            hidden_states = layer(hidden_states, attention_mask=attention_mask, rotary=rotary, context=context,
+                                  context_mask=context_mask)
         return self.final_layernorm(hidden_states)

@@ -1,0 +1,84 @@
+"""TransformerConfigs from plain fields: one config or several named ones, with located errors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from megaspec.config import TransformerConfig
+from megaspec.errors import Problem, SpecError, did_you_mean
+from megaspec.signature import type_name
+from megaspec.source import Key, SourceMap
+from megaspec.spec import ModuleSpec
+
+
+def config_problems(exc: ValidationError, smap: SourceMap, key: Key, tree: str,
+                    data: Mapping[str, Any]) -> list[Problem]:
+    """Translate a TransformerConfig ValidationError into located Problems."""
+    fields = TransformerConfig.model_fields
+    out = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        where = f"{tree}.{name}" if name else tree
+        if err["type"] == "missing":
+            msg = f"missing required config field '{name}'"
+        elif err["type"] == "extra_forbidden":
+            msg = f"unknown config field '{name}'{did_you_mean(name, list(fields))}"
+        elif name in fields and len(err["loc"]) == 1 and err["type"] != "value_error":
+            msg = f"expected {type_name(fields[name].annotation)}, got {err.get('input')!r}"
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+        if name:
+            out.append(smap.problem((*key, name), where, msg, data.get(name, ...)))
+        else:
+            out.append(smap.problem(key, where, msg))
+    return out
+
+
+def make_config(data: Mapping[str, Any] | TransformerConfig, smap: SourceMap | None = None,
+                key: Key = (), tree: str = "config") -> TransformerConfig:
+    """Validate TransformerConfig fields; SpecError lists every problem with its location."""
+    if isinstance(data, TransformerConfig):
+        return data
+    try:
+        return TransformerConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise SpecError(config_problems(exc, smap or SourceMap(), key, tree, data)) from None
+
+
+Configs = dict[str, TransformerConfig]
+
+
+def is_named(data: Any) -> bool:
+    """True for named configs ({language: {...}, vision: {...}}) rather than one config's fields."""
+    if isinstance(data, Mapping) and data and all(isinstance(v, TransformerConfig) for v in data.values()):
+        return True
+    return (isinstance(data, Mapping) and bool(data)
+            and all(isinstance(v, Mapping) for v in data.values())
+            and not set(data) & set(TransformerConfig.model_fields))
+
+
+def make_configs(data: Any, smap: SourceMap | None = None, key: Key = (), tree: str = "config") -> Configs:
+    """One config (named '') or several named ones, each validated, all problems at once."""
+    if not is_named(data):
+        return {"": make_config(data, smap, key, tree)}
+    configs, problems = {}, []
+    for name, fields in data.items():
+        try:
+            configs[str(name)] = make_config(fields, smap, (*key, name), f"{tree}.{name}")
+        except SpecError as exc:
+            problems += exc.problems
+    if problems:
+        raise SpecError(problems)
+    return configs
+
+
+def root_config(spec: ModuleSpec, configs: TransformerConfig | Configs) -> TransformerConfig:
+    """The config the root node is built with."""
+    if isinstance(configs, TransformerConfig):
+        return configs
+    if isinstance(spec.config, str) and spec.config in configs:
+        return configs[spec.config]
+    return next(iter(configs.values()))

@@ -1,0 +1,1 @@
+"""Attention kinds: self-attention, cross-attention and the core (softmax) attention they share."""

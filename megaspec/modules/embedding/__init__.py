@@ -1,0 +1,1 @@
+"""Embedding kind: token ids or image patches -> hidden states."""

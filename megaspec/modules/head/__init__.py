@@ -1,0 +1,1 @@
+"""Head kind: hidden states -> logits or a pooled vector."""

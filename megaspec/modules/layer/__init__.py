@@ -1,0 +1,1 @@
+"""Layer and block kinds: the transformer layer and the stack of them."""

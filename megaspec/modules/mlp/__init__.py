@@ -1,0 +1,1 @@
+"""MLP kind: the feed-forward network and the multimodal projector."""
