@@ -1,15 +1,22 @@
 """TransformerConfig: the sizes and numerics every module is built with.
 
 Field names follow Megatron-Core's TransformerConfig where one exists, so a
-Megatron user can read a megaspec config without a glossary.
+Megatron user can read a megaspec config without a glossary. A registered module
+may add fields of its own (its `config_fields`): they live in the same config,
+are set and overridden like the others (`model.config.<name>=...`), and are
+validated against the types the module declares.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, TypeAdapter, ValidationError, model_validator
+from pydantic_core import InitErrorDetails
 
 # params_dtype names -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,10 +36,67 @@ class RopeScaling(BaseModel):
     original_max_position_embeddings: PositiveInt = 8192
 
 
-class TransformerConfig(BaseModel):
-    """Immutable, validated model hyper-parameters (Megatron-Core names)."""
+@dataclass(frozen=True)
+class ModuleField:
+    """A config field that a registered module declares and reads (see `add_config_fields`)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    annotation: Any
+    default: Any
+    owner: str  # the registered name that declared it
+
+    @cached_property
+    def adapter(self) -> TypeAdapter:
+        """Validates a value of this field."""
+        return TypeAdapter(self.annotation)
+
+
+_MODULE_FIELDS: dict[str, ModuleField] = {}
+
+
+def add_config_fields(owner: str, fields: Mapping[str, tuple[Any, Any]]) -> None:
+    """Add `{name: (type, default)}` to TransformerConfig on behalf of module `owner`.
+
+    A name already taken by a core field, or by another module with another type or
+    default, is refused: two modules reading one field must mean the same thing by it.
+    """
+    for name, (annotation, default) in fields.items():
+        field = ModuleField(name, annotation, default, owner)
+        if name in TransformerConfig.model_fields:
+            raise ValueError(f"{owner} declares config field '{name}', which TransformerConfig already has")
+        taken = _MODULE_FIELDS.get(name)
+        if taken is not None and (taken.annotation, taken.default) != (annotation, default):
+            raise ValueError(f"{owner} declares config field '{name}' as {annotation} = {default!r}, but "
+                             f"{taken.owner} declares it as {taken.annotation} = {taken.default!r}")
+        try:
+            field.adapter.validate_python(default)
+        except ValidationError as exc:
+            raise ValueError(f"{owner}: the default of config field '{name}' is invalid: {exc}") from None
+        if taken is None:
+            _MODULE_FIELDS[name] = field
+
+
+def module_fields() -> dict[str, ModuleField]:
+    """The config fields modules declared, by name."""
+    return dict(_MODULE_FIELDS)
+
+
+def field_annotation(name: str) -> Any:
+    """The type of a config field, core or module-declared (KeyError for neither)."""
+    core = TransformerConfig.model_fields.get(name)
+    return core.annotation if core is not None else _MODULE_FIELDS[name].annotation
+
+
+def field_names() -> list[str]:
+    """Every config field name: TransformerConfig's own, then those modules declared."""
+    return [*TransformerConfig.model_fields, *_MODULE_FIELDS]
+
+
+class TransformerConfig(BaseModel):
+    """Immutable, validated model hyper-parameters (Megatron-Core names, plus fields modules declare)."""
+
+    # Extra keys are allowed only as module-declared fields (checked in _module_fields).
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     # Sizes.
     num_layers: PositiveInt
@@ -99,6 +163,30 @@ class TransformerConfig(BaseModel):
     moe_z_loss_coeff: float | None = None  # router z-loss (ST-MoE)
     moe_expert_capacity_factor: float | None = None  # None: dropless
     moe_token_drop_policy: Literal["probs", "position"] = "probs"  # which tokens over capacity to drop
+
+    @model_validator(mode="before")
+    @classmethod
+    def _module_fields(cls, data: Any) -> Any:
+        """Unknown keys are refused; module-declared fields get their defaults and their types checked."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        errors: list[InitErrorDetails] = []
+        for name in data:
+            if name not in cls.model_fields and name not in _MODULE_FIELDS:
+                errors.append(InitErrorDetails(type="extra_forbidden", loc=(name,), input=data[name]))
+        for name, field in _MODULE_FIELDS.items():
+            if name not in data:
+                data[name] = field.default
+                continue
+            try:
+                data[name] = field.adapter.validate_python(data[name])
+            except ValidationError as exc:
+                errors += [InitErrorDetails(type=e["type"], loc=(name, *e["loc"]), input=e["input"],
+                                            ctx=e.get("ctx", {})) for e in exc.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
 
     @model_validator(mode="after")
     def _moe_rules(self) -> TransformerConfig:

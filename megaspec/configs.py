@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from megaspec.config import TransformerConfig
+from megaspec.config import TransformerConfig, field_annotation, field_names
 from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.signature import type_name
 from megaspec.source import Key, SourceMap
@@ -17,7 +17,7 @@ from megaspec.spec import ModuleSpec
 def config_problems(exc: ValidationError, smap: SourceMap, key: Key, tree: str,
                     data: Mapping[str, Any]) -> list[Problem]:
     """Translate a TransformerConfig ValidationError into located Problems."""
-    fields = TransformerConfig.model_fields
+    fields = field_names()
     out = []
     for err in exc.errors():
         name = str(err["loc"][0]) if err["loc"] else ""
@@ -27,7 +27,7 @@ def config_problems(exc: ValidationError, smap: SourceMap, key: Key, tree: str,
         elif err["type"] == "extra_forbidden":
             msg = f"unknown config field '{name}'{did_you_mean(name, list(fields))}"
         elif name in fields and len(err["loc"]) == 1 and err["type"] != "value_error":
-            msg = f"expected {type_name(fields[name].annotation)}, got {err.get('input')!r}"
+            msg = f"expected {type_name(field_annotation(name))}, got {err.get('input')!r}"
         else:
             msg = str(err["msg"]).removeprefix("Value error, ")
         if name:
@@ -57,7 +57,7 @@ def is_named(data: Any) -> bool:
         return True
     return (isinstance(data, Mapping) and bool(data)
             and all(isinstance(v, Mapping) for v in data.values())
-            and not set(data) & set(TransformerConfig.model_fields))
+            and not set(data) & set(field_names()))
 
 
 def make_configs(data: Any, smap: SourceMap | None = None, key: Key = (), tree: str = "config") -> Configs:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from megaspec.config import add_config_fields
 from megaspec.errors import RegistryError, did_you_mean
 from megaspec.kinds import KINDS as KIND_PROTOCOLS
 from megaspec.kinds import contract_problems, signature_text
@@ -122,6 +123,14 @@ def _check_contract(cls: type, name: str, kind: str) -> None:
             f"{signature_text(kind)}: {'; '.join(problems)}")
 
 
+def _add_config_fields(cls: type, name: str) -> None:
+    """The class's own config fields (`config_fields = {name: (type, default)}`) join TransformerConfig."""
+    try:
+        add_config_fields(name, getattr(cls, "config_fields", None) or {})
+    except ValueError as exc:
+        raise RegistryError(f"cannot register '{name}': {exc}") from None
+
+
 def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T]:
     """Class decorator: make `cls` buildable as `module: name` in a spec."""
     if kind not in KINDS:
@@ -140,6 +149,7 @@ def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T
                 f"name '{name}' is already registered to {taken.qualname} ({taken.kind}, "
                 f"{taken.origin}); pass override=True to replace it"
             )
+        _add_config_fields(cls, name)
         _ENTRIES[name] = Entry(name, kind, cls, _origin_for(cls))
         return cls
 
@@ -204,6 +214,7 @@ def _import_dotted(path: str, allow_imports: tuple[str, ...]) -> Entry:
     kind = getattr(cls, "megaspec_kind", None)
     if kind in KINDS:
         _check_contract(cls, path, kind)
+    _add_config_fields(cls, path)
     return Entry(path, kind or "*", cls, f"import ({module_name})")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Union
 
 from pydantic import ValidationError
 
-from megaspec.config import TransformerConfig
+from megaspec.config import TransformerConfig, field_names
 from megaspec.configs import Configs, config_problems, root_config
 from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.registry import Entry, Slot, lookup, slots_of
@@ -149,7 +149,7 @@ class _Resolver:
         field_name = value.pattern
         found = getattr(config, field_name, None)
         if not isinstance(found, (list, tuple)) or not found:
-            fields = [f for f in dir(config) if "pattern" in f or f in TransformerConfig.model_fields]
+            fields = [f for f in dir(config) if "pattern" in f or f in field_names()]
             hint = "" if hasattr(config, field_name) else did_you_mean(field_name, fields)
             self.problems.append(value.smap.problem(
                 ("pattern",), f"{path}.pattern",
