@@ -18,22 +18,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, TypeAdapter, ValidationError, model_validator
 from pydantic_core import InitErrorDetails
 
+from megaspec.rope import RopeScaling
+
 # params_dtype names -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "squared_relu", "silu", "quick_gelu"]
-
-
-class RopeScaling(BaseModel):
-    """Llama-3.1 RoPE frequency scaling (HF `rope_type: llama3`): long wavelengths slowed by `factor`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    rope_type: Literal["llama3"] = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: PositiveInt = 8192
 
 
 @dataclass(frozen=True)
@@ -136,7 +126,7 @@ class TransformerConfig(BaseModel):
     # stream by 1/sqrt(2 * num_layers), as GPT-2 does.
     scaled_output_init: bool = True
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Llama-3.1 long-context RoPE scaling; None: plain RoPE.
+    # RoPE frequency scaling (megaspec/rope.py: llama3, linear, dynamic, yarn, longrope); None: plain RoPE.
     rope_scaling: RopeScaling | None = None
     # Sliding-window attention (Megatron's, flash-attn's convention): a query at i
     # sees keys i - left .. i + right; -1 is unbounded. Mistral's window W is (W - 1, 0).
@@ -249,6 +239,12 @@ class TransformerConfig(BaseModel):
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        scaling = self.rope_scaling
+        if scaling is not None and scaling.rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(scaling, name)) != self.rotary_dim // 2:
+                    raise ValueError(f"rope_scaling.{name} holds {len(getattr(scaling, name))} factors but the "
+                                     f"rotary dimension {self.rotary_dim} has {self.rotary_dim // 2} frequencies")
         if self.window_size is not None and min(self.window_size) < -1:
             raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {self.window_size}")
         if self.layernorm_epsilon <= 0:

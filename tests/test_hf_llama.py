@@ -104,8 +104,9 @@ def test_unsupported_architecture_is_named() -> None:
 
 
 def test_unsupported_rope_type_is_named() -> None:
-    hf = tiny_llama(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
-    with pytest.raises(SpecError, match=r"unsupported Llama configuration: rope_type 'linear'"):
+    hf = tiny_llama(rope_parameters={"rope_type": "proportional", "rope_theta": 10000.0})
+    with pytest.raises(SpecError, match=r"unsupported Llama configuration: rope_type 'proportional' \(megaspec "
+                                        r"supports 'default', 'llama3', 'linear', 'dynamic', 'yarn', 'longrope'\)"):
         from_hf(hf)
 
 

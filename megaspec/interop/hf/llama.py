@@ -25,44 +25,9 @@ from megaspec.interop.hf.core import (
     token_ids,
     unsupported,
 )
+from megaspec.interop.hf.rope import hf_rope, rope_fields, rope_parameters
 
-
-def rope_parameters(c: Any) -> dict[str, Any]:
-    """The HF config's RoPE settings as one dict (transformers 5 `rope_parameters`, or 4's fields)."""
-    params = getattr(c, "rope_parameters", None)
-    if params:
-        return dict(params)
-    scaling = dict(getattr(c, "rope_scaling", None) or {})
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    return {"rope_theta": getattr(c, "rope_theta", 10000.0), **scaling}
-
-
-def rope_fields(c: Any, architecture: str) -> dict[str, Any]:
-    """TransformerConfig RoPE fields from an HF config; other RoPE types are a clear error."""
-    rope = rope_parameters(c)
-    kind = rope.get("rope_type", "default")
-    unsupported(architecture, partial_rotary_factor=(rope.get("partial_rotary_factor", 1.0), 1.0))
-    fields: dict[str, Any] = {"rotary_base": float(rope["rope_theta"])}
-    if kind == "llama3":
-        fields["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": rope["factor"],
-            "low_freq_factor": rope["low_freq_factor"],
-            "high_freq_factor": rope["high_freq_factor"],
-            "original_max_position_embeddings": rope["original_max_position_embeddings"],
-        }
-    elif kind != "default":
-        raise SpecError(f"unsupported {architecture} configuration: rope_type '{kind}' "
-                        "(megaspec supports 'default' and 'llama3')")
-    return fields
-
-
-def hf_rope(cfg: TransformerConfig) -> dict[str, Any]:
-    """TransformerConfig RoPE fields -> HF `rope_parameters`."""
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rotary_base}
-    if cfg.rope_scaling is not None:
-        rope.update(cfg.rope_scaling.model_dump())
-    return rope
+__all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "rope_fields", "rope_parameters"]
 
 
 class Llama(Family):
