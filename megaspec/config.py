@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, TypeAdapter, ValidationError, model_validator
 from pydantic_core import InitErrorDetails
 
 from megaspec.rope import RopeScaling
@@ -140,6 +140,8 @@ class TransformerConfig(BaseModel):
     moe_shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(x . w)
     # Which layers are MoE: every N-th (layer i when i % N == 0), or one 0/1 per layer.
     moe_layer_freq: PositiveInt | list[int] = 1
+    # The first k layers keep the dense MLP whatever moe_layer_freq says (DeepSeek's first_k_dense_replace).
+    moe_first_k_dense: NonNegativeInt = 0
     moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (no renormalising)
     moe_router_topk_scaling_factor: float | None = None
@@ -186,6 +188,9 @@ class TransformerConfig(BaseModel):
                 raise ValueError(f"moe_layer_freq lists {len(freq)} layers but num_layers is {self.num_layers}")
             if any(v not in (0, 1) for v in freq):
                 raise ValueError(f"moe_layer_freq as a list holds one 0 (dense) or 1 (MoE) per layer, got {freq}")
+            if self.moe_first_k_dense:
+                raise ValueError("moe_first_k_dense applies to an every-N-th moe_layer_freq; a list already says "
+                                 "which layers are dense")
         experts = self.num_moe_experts
         if experts is None:
             return self
@@ -286,7 +291,7 @@ class TransformerConfig(BaseModel):
 
     @property
     def moe_layer_pattern(self) -> list[str]:
-        """'moe' or 'dense' per layer, from moe_layer_freq (all 'dense' without num_moe_experts).
+        """'moe' or 'dense' per layer, from moe_layer_freq and moe_first_k_dense (all dense without experts).
 
         A spec's layer list can follow it: `layers: {pattern: moe_layer_pattern, nodes: {dense: ..., moe: ...}}`.
         """
@@ -296,7 +301,7 @@ class TransformerConfig(BaseModel):
         elif isinstance(freq, list):
             flags = freq
         else:  # Megatron's convention: layer i is MoE when i % N == 0
-            flags = [int(i % freq == 0) for i in range(self.num_layers)]
+            flags = [int(i % freq == 0 and i >= self.moe_first_k_dense) for i in range(self.num_layers)]
         return ["moe" if f else "dense" for f in flags]
 
     def updated(self, **changes: Any) -> TransformerConfig:
