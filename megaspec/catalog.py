@@ -6,7 +6,7 @@ register themselves); this list is the one place that names the built-ins.
 
 from megaspec.models import bert, gpt, llava, t5, vision  # noqa: F401
 from megaspec.modules import activation, linear, norm  # noqa: F401
-from megaspec.modules.attention import core, cross_attention, self_attention  # noqa: F401
+from megaspec.modules.attention import core, cross_attention, latent, self_attention  # noqa: F401
 from megaspec.modules.embedding import patch, vocab  # noqa: F401
 from megaspec.modules.head import bert as bert_heads  # noqa: F401
 from megaspec.modules.head import lm_head  # noqa: F401

@@ -64,3 +64,18 @@ def one_adamw_step(model: nn.Module) -> tuple[float, float]:
     with torch.no_grad():
         after = model(input_ids, attention_mask=mask, labels=labels).loss
     return loss.item(), after.item()
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every weight, bias, norm scale and saved buffer (a router's correction bias) moved off its initial value.
+
+    Norm scales start at one and biases at zero; a conversion that drops or swaps them
+    would still match an unperturbed model. Vectors move by 0.1, matrices by 0.02 (their init's scale).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                tensor.add_(noise * (0.1 if tensor.dim() == 1 else 0.02))
+    return model

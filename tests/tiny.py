@@ -5,6 +5,11 @@ from __future__ import annotations
 _TEXT = ["num_layers=2", "hidden_size=32", "num_attention_heads=4", "ffn_hidden_size=64", "vocab_size=64",
          "max_position_embeddings=32", "hidden_dropout=0.0", "attention_dropout=0.0"]
 
+# DeepSeek: small latent ranks and head parts, 8 experts, the first layer dense.
+_MLA = ["q_lora_rank=16", "kv_lora_rank=16", "qk_head_dim=8", "kv_channels=8", "v_head_dim=8", "num_moe_experts=8",
+        "moe_router_topk=2", "moe_ffn_hidden_size=16", "moe_shared_expert_intermediate_size=16",
+        "moe_first_k_dense=1", "rope_scaling.original_max_position_embeddings=8"]
+
 
 def _fields(prefix: str, fields: list[str]) -> list[str]:
     return [f"{prefix}.{field}" for field in fields]
@@ -14,6 +19,9 @@ TINY: dict[str, list[str]] = {
     "gpt2": ["model=gpt2", *_fields("model.config", _TEXT)],
     "llama": ["model=llama", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
     "mixtral": ["model=mixtral", *_fields("model.config", [*_TEXT, "num_query_groups=2", "num_moe_experts=4"])],
+    "deepseek_v3": ["model=deepseek_v3", *_fields("model.config", [*_TEXT, *_MLA, "moe_router_num_groups=4",
+                                                                   "moe_router_group_topk=2"])],
+    "deepseek_v2_lite": ["model=deepseek_v2_lite", *_fields("model.config", _TEXT + _MLA)],
     "bert": ["model=bert", *_fields("model.config", _TEXT)],
     "t5": ["model=t5", *_fields("model.config", [*_TEXT, "relative_attention_num_buckets=8",
                                                  "relative_attention_max_distance=16"])],

@@ -262,6 +262,19 @@ def set_slot(spec: dict[str, Any], path: str, value: Any) -> None:
     node.setdefault("submodules", {})[slot] = value
 
 
+def set_activations(spec: Any, name: str) -> None:
+    """Fill every `activation` slot in a spec (plain data) with `name`, however deep (MLPs, shared experts)."""
+    if isinstance(spec, dict):
+        subs = spec.get("submodules")
+        if isinstance(subs, dict) and "activation" in subs:
+            subs["activation"] = name
+        for value in spec.values():
+            set_activations(value, name)
+    elif isinstance(spec, list):
+        for value in spec:
+            set_activations(value, name)
+
+
 def activation(hf_name: str, architecture: str) -> str:
     """HF activation name -> megaspec's, or a clear error."""
     if hf_name not in ACTIVATIONS:
