@@ -25,6 +25,7 @@ from megaspec.interop.hf.core import (
     token_ids,
     unsupported,
 )
+from megaspec.interop.hf.moe import aux_loss_coeff, hf_aux_loss
 from megaspec.interop.hf.rope import hf_rope, rope_fields, rope_parameters
 
 __all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "rope_fields", "rope_parameters"]
@@ -113,18 +114,17 @@ def decoder_rules(cfg: TransformerConfig, mlp: bool = True) -> list[Rule]:
     h, o = "model.layers.{i}.", "decoder.layers.{i}."
     attn = f"{h}self_attn."
     params = ("weight", "bias") if cfg.add_bias_linear else ("weight",)
+    qkv_params = ("weight", "bias") if cfg.add_bias_linear or cfg.add_qkv_bias else ("weight",)
     rules = [
         rule("model.embed_tokens.weight", "embedding.weight"),
         rule("model.norm.weight", "decoder.final_layernorm.weight"),
         rule(f"{h}input_layernorm.weight", f"{o}input_layernorm.weight"),
         rule(f"{h}post_attention_layernorm.weight", f"{o}pre_mlp_layernorm.weight"),
     ]
+    rules += [rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
+                   f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf) for p in qkv_params]
     for p in params:
-        rules += [
-            rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
-                 f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf),
-            rule(f"{attn}o_proj.{p}", f"{o}self_attention.linear_proj.{p}"),
-        ]
+        rules.append(rule(f"{attn}o_proj.{p}", f"{o}self_attention.linear_proj.{p}"))
         if mlp:
             rules += [
                 rule((f"{h}mlp.gate_proj.{p}", f"{h}mlp.up_proj.{p}"), f"{o}mlp.linear_fc1.{p}", concat, halves),
@@ -187,8 +187,7 @@ class Mixtral(Mistral):
             moe_router_topk=c.num_experts_per_tok,
             moe_ffn_hidden_size=c.intermediate_size,
             moe_layer_freq=1,
-            # HF adds its load-balancing loss only with output_router_logits; Megatron's loss is HF's / top-k.
-            moe_aux_loss_coeff=c.router_aux_loss_coef * c.num_experts_per_tok if c.output_router_logits else 0.0,
+            moe_aux_loss_coeff=aux_loss_coeff(c),
         )
         return spec, config
 
@@ -200,11 +199,9 @@ class Mixtral(Mistral):
                     moe_ffn_hidden_size=(cfg.moe_ffn_hidden_size, cfg.ffn_size))
         mistral = super().hf_config(configs)
         window = getattr(mistral, "sliding_window", None)
-        coeff = cfg.moe_aux_loss_coeff / cfg.moe_router_topk
         return transformers.MixtralConfig(
             **self.hf_kwargs(cfg), sliding_window=window, num_local_experts=cfg.num_moe_experts,
-            num_experts_per_tok=cfg.moe_router_topk, output_router_logits=coeff > 0,
-            router_aux_loss_coef=coeff if coeff > 0 else 0.001,
+            num_experts_per_tok=cfg.moe_router_topk, **hf_aux_loss(cfg),
         )
 
     def rules(self, configs: Configs) -> list[Rule]:
