@@ -90,3 +90,13 @@ def test_unsupported_settings_are_named() -> None:
     config.use_sliding_window = True
     with pytest.raises(SpecError, match=r"unsupported Qwen2-MoE configuration: use_sliding_window=True"):
         spec_from_hf(config)
+
+
+def test_yarn_long_context_config() -> None:
+    """Qwen2's long-context configs scale RoPE by YaRN: converted, and equal past the original context."""
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 4}
+    hf = tiny_qwen2_moe(rope_parameters=yarn, max_position_embeddings=16)
+    ours = from_hf(hf)
+    assert megaspec.build_record(ours).config.rope_scaling.factor == 4.0
+    assert_lm_parity(ours, hf)
+    assert to_hf(ours).config.rope_parameters["rope_type"] == "yarn"

@@ -85,7 +85,7 @@ def megaspec(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3", "deepseek_v2_lite"])
 def test_megaspec_build_command(name: str) -> None:
     result = megaspec("build", *TINY[name], "build.seq_len=16")
     assert result.returncode == 0, result.stderr

@@ -90,6 +90,19 @@ def test_llama_with_scaled_rope_matches_hf_both_ways(name: str) -> None:
     assert_lm_parity(model, back, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["linear", "longrope"])
+def test_mistral_carries_the_scaling(name: str) -> None:
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(**{k: getattr(hf_config({}), k) for k in (
+        "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+        "vocab_size", "max_position_embeddings")}, sliding_window=6, rope_parameters={"rope_theta": 1e4, **ROPES[name]})
+    hf = transformers.MistralForCausalLM(config).eval()
+    model = from_hf(hf)
+    assert megaspec.build_record(model).config.rope_scaling.rope_type == name
+    assert_lm_parity(model, hf)
+    assert to_hf(model).config.rope_parameters["rope_type"] == name
+
+
 @pytest.mark.parametrize("name", ["linear", "dynamic", "yarn", "longrope"])
 def test_the_scaling_changes_outputs(name: str) -> None:
     """Without the scaling the logits differ, so the parity above is not met by accident."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 _TEXT = ["num_layers=2", "hidden_size=32", "num_attention_heads=4", "ffn_hidden_size=64", "vocab_size=64",
          "max_position_embeddings=32", "hidden_dropout=0.0", "attention_dropout=0.0"]
 
+_SPARSE = [f for f in _TEXT if not f.startswith("ffn_hidden_size")]  # every layer MoE: no dense MLP to size
 # DeepSeek: small latent ranks and head parts, 8 experts, the first layer dense.
 _MLA = ["q_lora_rank=16", "kv_lora_rank=16", "qk_head_dim=8", "kv_channels=8", "v_head_dim=8", "num_moe_experts=8",
         "moe_router_topk=2", "moe_ffn_hidden_size=16", "moe_shared_expert_intermediate_size=16",
@@ -19,7 +20,7 @@ TINY: dict[str, list[str]] = {
     "gpt2": ["model=gpt2", *_fields("model.config", _TEXT)],
     "llama": ["model=llama", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
     "mixtral": ["model=mixtral", *_fields("model.config", [*_TEXT, "num_query_groups=2", "num_moe_experts=4"])],
-    "qwen2_moe": ["model=qwen2_moe", *_fields("model.config", [*_TEXT, "num_query_groups=2", "num_moe_experts=4",
+    "qwen2_moe": ["model=qwen2_moe", *_fields("model.config", [*_SPARSE, "num_query_groups=2", "num_moe_experts=4",
                                                                "moe_ffn_hidden_size=16",
                                                                "moe_shared_expert_intermediate_size=32"])],
     "deepseek_v3": ["model=deepseek_v3", *_fields("model.config", [*_TEXT, *_MLA, "moe_router_num_groups=4",
