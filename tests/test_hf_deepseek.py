@@ -114,6 +114,7 @@ def test_to_hf_gives_back_hf_outputs(make, tmp_path) -> None:
     input_ids, _ = batch()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids).logits, hf(input_ids).logits, atol=1e-5, rtol=0)
+    assert_lm_parity(from_hf(tmp_path / "hf"), hf)  # and the saved directory converts again
 
 
 def test_to_hf_of_a_megaspec_built_model() -> None:
