@@ -6,7 +6,7 @@ keys. The frequency math lives with the rotary embedding (modules/position/rope_
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, PositiveFloat, PositiveInt, Tag
 
@@ -78,13 +78,11 @@ def _rope_type(value: Any) -> str:
 
 
 RopeScaling = Annotated[
-    Union[
-        Annotated[Llama3RopeScaling, Tag("llama3")],
-        Annotated[LinearRopeScaling, Tag("linear")],
-        Annotated[DynamicRopeScaling, Tag("dynamic")],
-        Annotated[YarnRopeScaling, Tag("yarn")],
-        Annotated[LongRopeScaling, Tag("longrope")],
-    ],
+    Annotated[Llama3RopeScaling, Tag("llama3")]
+    | Annotated[LinearRopeScaling, Tag("linear")]
+    | Annotated[DynamicRopeScaling, Tag("dynamic")]
+    | Annotated[YarnRopeScaling, Tag("yarn")]
+    | Annotated[LongRopeScaling, Tag("longrope")],
     Discriminator(_rope_type),
 ]
 ROPE_TYPES = ("llama3", "linear", "dynamic", "yarn", "longrope")

@@ -25,8 +25,8 @@ def test_the_config_picks_the_query_path() -> None:
       f"~{ATTENTION.format('moe')}.linear_q_proj"],
      "config.q_lora_rank is null (a full-rank query), but the spec leaves linear_q_proj empty"),
     (["+model.config.num_query_groups=2"],
-     "multi_latent_attention expands keys and values for every head: num_query_groups (2) must be unset or "
-     "equal num_attention_heads (4)"),
+     ("multi_latent_attention expands keys and values for every head: num_query_groups (2) must be unset or "
+      "equal num_attention_heads (4)")),
 ])  # fmt: skip
 def test_a_config_the_spec_cannot_serve_is_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(SpecError) as info:

@@ -82,7 +82,7 @@ def test_tiny_builds_run_and_follow_num_layers(name: str) -> None:
 
 def megaspec(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megaspec", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3", "deepseek_v2_lite"])

@@ -1,6 +1,8 @@
 """RoPE scaling types (linear, dynamic NTK, YaRN, LongRoPE, Llama-3.1) against HF's rope init functions,
 and through whole Llama models converted both ways."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 from hf_cases import VOCAB, assert_lm_parity, lm_diffs
@@ -11,9 +13,9 @@ from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
 from megaspec.modules.position.rotary import RotaryEmbedding
 
 transformers = pytest.importorskip("transformers")
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-HEAD_DIM, MAX_POS = 16, 8  # 8 frequencies; sequences of 12 tokens run past the context
+MAX_POS = 8  # heads of 16 channels (8 frequencies); sequences of 12 tokens run past the context
 LONG = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]
 SHORT = [1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0]
 ROPES = {
@@ -39,7 +41,7 @@ def hf_config(rope: dict, **extra) -> object:
 
 
 def ours(name: str) -> RotaryEmbedding:
-    spec, configs = spec_from_hf(hf_config(dict(ROPES[name])))
+    _, configs = spec_from_hf(hf_config(dict(ROPES[name])))
     return RotaryEmbedding(configs[""])
 
 
@@ -118,7 +120,7 @@ def test_transformers_4_rope_scaling_dict_converts() -> None:
 
     class Saved:
         rope_theta = 500.0
-        rope_scaling = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+        rope_scaling: ClassVar[dict] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
     from megaspec.interop.hf.rope import rope_fields
 
@@ -129,7 +131,7 @@ def test_transformers_4_rope_scaling_dict_converts() -> None:
 
 
 def test_bad_scaling_settings_are_refused() -> None:
-    base = dict(num_layers=1, hidden_size=64, num_attention_heads=4, position_embedding_type="rope")
+    base = {"num_layers": 1, "hidden_size": 64, "num_attention_heads": 4, "position_embedding_type": "rope"}
     with pytest.raises(ValueError, match=r"rope_scaling.short_factor holds 3 factors but the rotary dimension 16 "
                                          r"has 8 frequencies"):
         TransformerConfig(**base, rope_scaling={"rope_type": "longrope", "short_factor": [1, 1, 1],

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from megaspec.rope import (
     DynamicRopeScaling,
-    Llama3RopeScaling,
     LinearRopeScaling,
+    Llama3RopeScaling,
     LongRopeScaling,
     RopeScaling,
     YarnRopeScaling,
