@@ -66,6 +66,12 @@ def add_config_fields(owner: str, fields: Mapping[str, tuple[Any, Any]]) -> None
             _MODULE_FIELDS[name] = field
 
 
+def remove_config_fields(owner: str) -> None:
+    """Drop the fields module `owner` declared (when it is unregistered), so later configs no longer carry them."""
+    for name in [n for n, field in _MODULE_FIELDS.items() if field.owner == owner]:
+        del _MODULE_FIELDS[name]
+
+
 def module_fields() -> dict[str, ModuleField]:
     """The config fields modules declared, by name."""
     return dict(_MODULE_FIELDS)
