@@ -19,6 +19,8 @@ TINY: dict[str, list[str]] = {
                                                  "relative_attention_max_distance=16"])],
     "t5_v1_1": ["model=t5_v1_1", *_fields("model.config", [*_TEXT, "relative_attention_num_buckets=8",
                                                            "relative_attention_max_distance=16"])],
+    "qwen2": ["model=qwen2", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
+    "qwen3": ["model=qwen3", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "llava": ["model=llava", *_fields("model.config.language", [*_TEXT, "num_query_groups=2"]),
               *_fields("model.config.vision", ["num_layers=2", "hidden_size=32", "num_attention_heads=4",
                                                "ffn_hidden_size=64", "image_size=28", "patch_size=7",

@@ -73,12 +73,13 @@ class Llama(Family):
     hf_class = "LlamaForCausalLM"
     requires = ("gpt_model",)
     architecture = "Llama"
+    spec_name = "llama"  # the shipped spec the translation starts from
 
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         attention_bias = getattr(c, "attention_bias", False)
         unsupported(self.architecture, mlp_bias=(getattr(c, "mlp_bias", False), attention_bias))
         act = activation(c.hidden_act, self.architecture)
-        spec = shipped_spec("llama")
+        spec = shipped_spec(self.spec_name)
         spec["submodules"]["decoder"]["submodules"]["layers"]["submodules"]["mlp"]["submodules"]["activation"] = act
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         config = {
@@ -135,8 +136,17 @@ class Llama(Family):
         return decoder_rules(configs[""])
 
 
-def decoder_rules(cfg: TransformerConfig, mlp: bool = True) -> list[Rule]:
-    """Tensor rules of the Llama layout (`model.layers.{i}` <-> `decoder.layers.{i}`), MLP optional."""
+# HF per-layer norm names -> transformer_layer slots, for Llama's pre-norm layout.
+LLAMA_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "pre_mlp_layernorm"}
+
+
+def decoder_rules(cfg: TransformerConfig, mlp: bool = True, norms: dict[str, str] = LLAMA_NORMS) -> list[Rule]:
+    """Tensor rules of the Llama layout (`model.layers.{i}` <-> `decoder.layers.{i}`), MLP optional.
+
+    `norms` maps each HF layer norm to its slot (sandwich-norm families name theirs
+    differently); per-head QK-norm (`self_attn.q_norm`, `k_norm`) follows config.qk_layernorm,
+    and q/k/v biases follow add_bias_linear or add_qkv_bias (Qwen2: q/k/v only).
+    """
     heads, groups = cfg.num_attention_heads, cfg.query_groups
 
     def to_ours(q: Any, k: Any, v: Any) -> tuple[Any]:
@@ -148,18 +158,20 @@ def decoder_rules(cfg: TransformerConfig, mlp: bool = True) -> list[Rule]:
     h, o = "model.layers.{i}.", "decoder.layers.{i}."
     attn = f"{h}self_attn."
     params = ("weight", "bias") if cfg.add_bias_linear else ("weight",)
+    qkv_params = ("weight", "bias") if cfg.add_bias_linear or cfg.add_qkv_bias else ("weight",)
     rules = [
         rule("model.embed_tokens.weight", "embedding.weight"),
         rule("model.norm.weight", "decoder.final_layernorm.weight"),
-        rule(f"{h}input_layernorm.weight", f"{o}input_layernorm.weight"),
-        rule(f"{h}post_attention_layernorm.weight", f"{o}pre_mlp_layernorm.weight"),
+        *(rule(f"{h}{hf}.weight", f"{o}{ours}.weight") for hf, ours in norms.items()),
     ]
+    for p in qkv_params:
+        rules.append(rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
+                          f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf))
+    if cfg.qk_layernorm:
+        rules += [rule(f"{attn}q_norm.weight", f"{o}self_attention.q_layernorm.weight"),
+                  rule(f"{attn}k_norm.weight", f"{o}self_attention.k_layernorm.weight")]
     for p in params:
-        rules += [
-            rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
-                 f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf),
-            rule(f"{attn}o_proj.{p}", f"{o}self_attention.linear_proj.{p}"),
-        ]
+        rules.append(rule(f"{attn}o_proj.{p}", f"{o}self_attention.linear_proj.{p}"))
         if mlp:
             rules += [
                 rule((f"{h}mlp.gate_proj.{p}", f"{h}mlp.up_proj.{p}"), f"{o}mlp.linear_fc1.{p}", concat, halves),
