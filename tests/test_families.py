@@ -66,7 +66,7 @@ def test_validate_and_build_commands(tmp_path: Path) -> None:
                                capture_output=True, text=True, timeout=300)
     assert validated.returncode == 0, validated.stderr
     assert [line.split(":")[0] for line in validated.stdout.splitlines()] == specs
-    built = subprocess.run([sys.executable, "-m", "megaspec", "build", *TINY["qwen3"], "build.seq_len=16"],
+    built = subprocess.run([sys.executable, "-m", "megaspec", "build", *TINY["gemma3"], "build.seq_len=16"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     assert "forward pass on random tokens [1, 16] -> logits (1, 16, 64)" in built.stdout

@@ -255,6 +255,14 @@ def node_at(spec: dict[str, Any], path: str) -> dict[str, Any]:
     return node
 
 
+def layer_nodes(spec: dict[str, Any], block: str = "decoder") -> list[dict[str, Any]]:
+    """The layer node(s) of a block: its one repeated node, or each node of its pattern."""
+    layers = node_at(spec, block)["submodules"]["layers"]
+    if isinstance(layers, dict) and "pattern" in layers:
+        return list(layers["nodes"].values())
+    return [node_at(spec, f"{block}.layers")]
+
+
 def set_slot(spec: dict[str, Any], path: str, value: Any) -> None:
     """Put `value` (a module name, node or None) into the slot at a dotted path."""
     parent, _, slot = path.rpartition(".")

@@ -19,6 +19,8 @@ from megaspec.interop.hf.core import (
     fuse_qkv,
     halves,
     hf_activation,
+    layer_nodes,
+    node_at,
     rule,
     shipped_spec,
     split_qkv,
@@ -37,9 +39,9 @@ def rope_parameters(c: Any) -> dict[str, Any]:
     return {"rope_theta": getattr(c, "rope_theta", 10000.0), **scaling}
 
 
-def rope_fields(c: Any, architecture: str) -> dict[str, Any]:
-    """TransformerConfig RoPE fields from an HF config; other RoPE types are a clear error."""
-    rope = rope_parameters(c)
+def rope_fields(c: Any, architecture: str, rope: dict[str, Any] | None = None) -> dict[str, Any]:
+    """TransformerConfig RoPE fields from an HF config (or one of its RoPE dicts); other types are an error."""
+    rope = rope_parameters(c) if rope is None else rope
     kind = rope.get("rope_type", "default")
     unsupported(architecture, partial_rotary_factor=(rope.get("partial_rotary_factor", 1.0), 1.0))
     fields: dict[str, Any] = {"rotary_base": float(rope["rope_theta"])}
@@ -78,9 +80,10 @@ class Llama(Family):
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         attention_bias = getattr(c, "attention_bias", False)
         unsupported(self.architecture, mlp_bias=(getattr(c, "mlp_bias", False), attention_bias))
-        act = activation(c.hidden_act, self.architecture)
+        act = activation(self.hf_act(c), self.architecture)
         spec = shipped_spec(self.spec_name)
-        spec["submodules"]["decoder"]["submodules"]["layers"]["submodules"]["mlp"]["submodules"]["activation"] = act
+        for layer in layer_nodes(spec):
+            node_at(layer, "mlp")["submodules"]["activation"] = act
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         config = {
             "num_layers": c.num_hidden_layers,
@@ -97,13 +100,21 @@ class Llama(Family):
             "gated_linear_unit": True,
             "add_bias_linear": attention_bias,
             "position_embedding_type": "rope",
-            **rope_fields(c, self.architecture),
+            **self.rope(c),
             "share_embeddings_and_output_weights": c.tie_word_embeddings,
             "hidden_dropout": 0.0,
             "attention_dropout": c.attention_dropout,
             "init_method_std": c.initializer_range,
         }
         return spec, config
+
+    def hf_act(self, c: Any) -> str:
+        """The HF config's activation name (its field differs by family)."""
+        return c.hidden_act
+
+    def rope(self, c: Any) -> dict[str, Any]:
+        """TransformerConfig RoPE fields for the HF config."""
+        return rope_fields(c, self.architecture)
 
     def hf_kwargs(self, cfg: TransformerConfig) -> dict[str, Any]:
         """Keyword arguments of the HF config class."""
