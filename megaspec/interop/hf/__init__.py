@@ -27,6 +27,7 @@ from megaspec.interop.hf.gemma import Gemma, Gemma2, Gemma3
 from megaspec.interop.hf.gpt2 import GPT2
 from megaspec.interop.hf.llama import Llama, Mistral, Mixtral
 from megaspec.interop.hf.llava import Llava
+from megaspec.interop.hf.phi3 import Phi3
 from megaspec.interop.hf.qwen import Qwen2, Qwen3
 from megaspec.interop.hf.t5 import T5
 from megaspec.record import described
@@ -34,7 +35,8 @@ from megaspec.spec import ModuleSpec, parse_spec
 
 # Tried in this order by to_hf: the first whose HF config reproduces the model's spec and config wins.
 FAMILIES: list[Family] = [GPT2(), Llama(), Mistral(), Mixtral(), Bert(), BertForMaskedLM(), T5(), CLIPVision(),
-                          Llava(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3()]
+                          Llava(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3(),
+                          Phi3()]
 
 # Fields with no effect on what a model computes in eval mode: to_hf does not require HF to carry them.
 TRAINING_ONLY = {"hidden_dropout", "attention_dropout", "init_method_std", "scaled_output_init", "params_dtype"}
@@ -136,10 +138,18 @@ def _normalised(data: Any) -> Any:
     return data
 
 
-def match_family(spec: ModuleSpec, configs: Configs) -> tuple[Family, Any]:
-    """The family whose HF config reproduces this spec and config exactly, and that HF config."""
+def match_family(spec: ModuleSpec, configs: Configs, hf_class: str | None = None) -> tuple[Family, Any]:
+    """The family whose HF config reproduces this spec and config exactly, and that HF config.
+
+    Several HF classes may compute the same model (Phi-3 and Mistral): the first in
+    FAMILIES wins, unless `hf_class` names the one wanted.
+    """
+    families = [f for f in FAMILIES if hf_class in (None, f.hf_class)]
+    if not families:
+        known = ", ".join(dict.fromkeys(f.hf_class for f in FAMILIES))
+        raise SpecError(f"megaspec does not convert to HF class '{hf_class}'; it converts to: {known}")
     reasons = []
-    for family in FAMILIES:
+    for family in families:
         try:
             hf_config = family.hf_config_from(spec.to_dict(), configs)
             spec_data, config_data = family.spec_and_config(hf_config)
@@ -175,11 +185,14 @@ def _new_hf(cls: Any, hf_config: Any, dtype: torch.dtype) -> Any:
 
 
 def to_hf(model: nn.Module, save_directory: str | os.PathLike[str] | None = None, *,
-          spec: ModuleSpec | None = None, config: Any = None) -> Any:
-    """megaspec model -> the HF transformers model with the same weights (saved with save_pretrained on request)."""
+          spec: ModuleSpec | None = None, config: Any = None, hf_class: str | None = None) -> Any:
+    """megaspec model -> the HF transformers model with the same weights (saved with save_pretrained on request).
+
+    `hf_class` (e.g. "Phi3ForCausalLM") picks the HF class where several express the model.
+    """
     transformers = _transformers()
     spec, configs, _ = described(model, spec, config)
-    family, hf_config = match_family(spec, configs)
+    family, hf_config = match_family(spec, configs, hf_class)
     ours = {k: v for k, v in model.state_dict().items()}
     dtype = _float_dtype(ours)
     hf = _new_hf(getattr(transformers, family.hf_class), hf_config, dtype)
