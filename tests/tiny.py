@@ -22,6 +22,7 @@ TINY: dict[str, list[str]] = {
     "qwen2": ["model=qwen2", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
     "qwen3": ["model=qwen3", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "phi3": ["model=phi3", *_fields("model.config", [*_TEXT, "num_query_groups=4", "window_size=[3,0]"])],
+    "olmo2": ["model=olmo2", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
     "gemma": ["model=gemma", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "gemma2": ["model=gemma2", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16",
                                                          "window_size=[3,0]"])],
