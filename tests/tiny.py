@@ -23,6 +23,7 @@ TINY: dict[str, list[str]] = {
     "qwen3": ["model=qwen3", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "phi3": ["model=phi3", *_fields("model.config", [*_TEXT, "num_query_groups=4", "window_size=[3,0]"])],
     "olmo2": ["model=olmo2", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
+    "gpt_neox": ["model=gpt_neox", *_fields("model.config", _TEXT)],
     "gemma": ["model=gemma", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "gemma2": ["model=gemma2", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16",
                                                          "window_size=[3,0]"])],

@@ -25,6 +25,7 @@ from megaspec.interop.hf.clip import CLIPVision
 from megaspec.interop.hf.core import Family, canonical, raise_problems, translate, unaliased
 from megaspec.interop.hf.gemma import Gemma, Gemma2, Gemma3
 from megaspec.interop.hf.gpt2 import GPT2
+from megaspec.interop.hf.gpt_neox import GPTNeoX
 from megaspec.interop.hf.llama import Llama, Mistral, Mixtral
 from megaspec.interop.hf.llava import Llava
 from megaspec.interop.hf.olmo2 import Olmo2
@@ -37,7 +38,7 @@ from megaspec.spec import ModuleSpec, parse_spec
 # Tried in this order by to_hf: the first whose HF config reproduces the model's spec and config wins.
 FAMILIES: list[Family] = [GPT2(), Llama(), Mistral(), Mixtral(), Bert(), BertForMaskedLM(), T5(), CLIPVision(),
                           Llava(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3(),
-                          Phi3(), Olmo2()]
+                          Phi3(), Olmo2(), GPTNeoX()]
 
 # Fields with no effect on what a model computes in eval mode: to_hf does not require HF to carry them.
 TRAINING_ONLY = {"hidden_dropout", "attention_dropout", "init_method_std", "scaled_output_init", "params_dtype"}

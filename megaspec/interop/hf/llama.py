@@ -59,6 +59,13 @@ def rope_fields(c: Any, architecture: str, rope: dict[str, Any] | None = None) -
     return fields
 
 
+def partial_rope_fields(c: Any, architecture: str) -> dict[str, Any]:
+    """rope_fields for families that rotate part of each head: partial_rotary_factor as rotary_percent."""
+    rope = rope_parameters(c)
+    partial = rope.pop("partial_rotary_factor", 1.0)
+    return {**rope_fields(c, architecture, rope), "rotary_percent": float(partial)}
+
+
 def hf_rope(cfg: TransformerConfig) -> dict[str, Any]:
     """TransformerConfig RoPE fields -> HF `rope_parameters`."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rotary_base}

@@ -15,7 +15,7 @@ import torch
 
 from megaspec.configs import Configs
 from megaspec.interop.hf.core import Rule, fuse_qkv, rule, split_qkv, token_ids, unsupported
-from megaspec.interop.hf.llama import Llama, hf_rope, rope_fields
+from megaspec.interop.hf.llama import Llama, hf_rope, partial_rope_fields
 from megaspec.interop.hf.windows import hf_sliding_window
 
 
@@ -28,9 +28,7 @@ class Phi3(Llama):
     architecture = "Phi-3"
 
     def rope(self, c: Any) -> dict[str, Any]:
-        rope = dict(c.rope_parameters)
-        partial = rope.pop("partial_rotary_factor", 1.0)
-        return {**rope_fields(c, self.architecture, rope), "rotary_percent": float(partial)}
+        return partial_rope_fields(c, self.architecture)
 
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         spec, config = super().spec_and_config(c)
