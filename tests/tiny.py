@@ -24,6 +24,8 @@ TINY: dict[str, list[str]] = {
     "phi3": ["model=phi3", *_fields("model.config", [*_TEXT, "num_query_groups=4", "window_size=[3,0]"])],
     "olmo2": ["model=olmo2", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
     "gpt_neox": ["model=gpt_neox", *_fields("model.config", _TEXT)],
+    "falcon": ["model=falcon", *_fields("model.config", [*_TEXT, "num_query_groups=1"])],
+    "falcon_40b": ["model=falcon_40b", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
     "gemma": ["model=gemma", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "gemma2": ["model=gemma2", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16",
                                                          "window_size=[3,0]"])],

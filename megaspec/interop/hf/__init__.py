@@ -23,6 +23,7 @@ from megaspec.errors import Problem, SpecError
 from megaspec.interop.hf.bert import Bert, BertForMaskedLM
 from megaspec.interop.hf.clip import CLIPVision
 from megaspec.interop.hf.core import Family, canonical, raise_problems, translate, unaliased
+from megaspec.interop.hf.falcon import Falcon
 from megaspec.interop.hf.gemma import Gemma, Gemma2, Gemma3
 from megaspec.interop.hf.gpt2 import GPT2
 from megaspec.interop.hf.gpt_neox import GPTNeoX
@@ -38,7 +39,7 @@ from megaspec.spec import ModuleSpec, parse_spec
 # Tried in this order by to_hf: the first whose HF config reproduces the model's spec and config wins.
 FAMILIES: list[Family] = [GPT2(), Llama(), Mistral(), Mixtral(), Bert(), BertForMaskedLM(), T5(), CLIPVision(),
                           Llava(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3(),
-                          Phi3(), Olmo2(), GPTNeoX()]
+                          Phi3(), Olmo2(), GPTNeoX(), Falcon()]
 
 # Fields with no effect on what a model computes in eval mode: to_hf does not require HF to carry them.
 TRAINING_ONLY = {"hidden_dropout", "attention_dropout", "init_method_std", "scaled_output_init", "params_dtype"}
@@ -123,7 +124,7 @@ def from_hf(model_or_path: Any, *, device: str | torch.device = "cpu") -> nn.Mod
     spec, configs = spec_from_hf(hf.config, _float_dtype(hf_state), type(hf).__name__)
     model = build_module(spec, configs, device="meta")
     expected = dict(model.state_dict())
-    done = translate(hf_state, family.rules(configs), True, expected, "HF", "megaspec")
+    done = translate(hf_state, family.rules_from(spec.to_dict(), configs), True, expected, "HF", "megaspec")
     raise_problems(done.problems, f"HF {type(hf).__name__} -> megaspec")
     from megaspec.checkpoint import fill
 
@@ -200,7 +201,7 @@ def to_hf(model: nn.Module, save_directory: str | os.PathLike[str] | None = None
     hf = _new_hf(getattr(transformers, family.hf_class), hf_config, dtype)
     family.adapt_hf(hf, configs)
     expected, aliases = unaliased(hf.state_dict())
-    done = translate(ours, family.rules(configs), False, expected, "megaspec", "HF")
+    done = translate(ours, family.rules_from(spec.to_dict(), configs), False, expected, "megaspec", "HF")
     raise_problems(done.problems, f"megaspec -> HF {family.hf_class}")
     tensors = {**done.tensors, **{alias: done.tensors[name] for alias, name in aliases.items()}}
     with torch.no_grad():

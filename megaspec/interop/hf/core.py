@@ -225,6 +225,10 @@ class Family(ABC):
     def rules(self, configs: Configs) -> list[Rule]:
         """The tensor-name rules for this size of model."""
 
+    def rules_from(self, spec: dict[str, Any], configs: Configs) -> list[Rule]:
+        """The rules for this spec (plain data) and size; override where HF's tensor names follow the layout."""
+        return self.rules(configs)
+
     def hf_state(self, hf_model: Any) -> dict[str, Tensor]:
         """The HF model's tensors under the names the rules use (those of `hf_class`)."""
         state = dict(hf_model.state_dict())
