@@ -26,6 +26,7 @@ TINY: dict[str, list[str]] = {
     "gpt_neox": ["model=gpt_neox", *_fields("model.config", _TEXT)],
     "falcon": ["model=falcon", *_fields("model.config", [*_TEXT, "num_query_groups=1"])],
     "falcon_40b": ["model=falcon_40b", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
+    "bloom": ["model=bloom", *_fields("model.config", _TEXT)],
     "gemma": ["model=gemma", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "gemma2": ["model=gemma2", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16",
                                                          "window_size=[3,0]"])],

@@ -21,6 +21,7 @@ from megaspec.config import DTYPES
 from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
 from megaspec.interop.hf.bert import Bert, BertForMaskedLM
+from megaspec.interop.hf.bloom import Bloom
 from megaspec.interop.hf.clip import CLIPVision
 from megaspec.interop.hf.core import Family, canonical, raise_problems, translate, unaliased
 from megaspec.interop.hf.falcon import Falcon
@@ -39,7 +40,7 @@ from megaspec.spec import ModuleSpec, parse_spec
 # Tried in this order by to_hf: the first whose HF config reproduces the model's spec and config wins.
 FAMILIES: list[Family] = [GPT2(), Llama(), Mistral(), Mixtral(), Bert(), BertForMaskedLM(), T5(), CLIPVision(),
                           Llava(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3(),
-                          Phi3(), Olmo2(), GPTNeoX(), Falcon()]
+                          Phi3(), Olmo2(), GPTNeoX(), Falcon(), Bloom()]
 
 # Fields with no effect on what a model computes in eval mode: to_hf does not require HF to carry them.
 TRAINING_ONLY = {"hidden_dropout", "attention_dropout", "init_method_std", "scaled_output_init", "params_dtype"}
