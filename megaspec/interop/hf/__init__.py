@@ -33,6 +33,7 @@ from megaspec.interop.hf.llava import Llava
 from megaspec.interop.hf.olmo2 import Olmo2
 from megaspec.interop.hf.phi3 import Phi3
 from megaspec.interop.hf.qwen import Qwen2, Qwen3
+from megaspec.interop.hf.vit import ViT
 from megaspec.interop.hf.t5 import T5
 from megaspec.record import described
 from megaspec.spec import ModuleSpec, parse_spec
@@ -40,7 +41,7 @@ from megaspec.spec import ModuleSpec, parse_spec
 # Tried in this order by to_hf: the first whose HF config reproduces the model's spec and config wins.
 FAMILIES: list[Family] = [GPT2(), Llama(), Mistral(), Mixtral(), Bert(), BertForMaskedLM(), T5(), CLIPVision(),
                           Llava(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3(),
-                          Phi3(), Olmo2(), GPTNeoX(), Falcon(), Bloom()]
+                          Phi3(), Olmo2(), GPTNeoX(), Falcon(), Bloom(), ViT()]
 
 # Fields with no effect on what a model computes in eval mode: to_hf does not require HF to carry them.
 TRAINING_ONLY = {"hidden_dropout", "attention_dropout", "init_method_std", "scaled_output_init", "params_dtype"}
