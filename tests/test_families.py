@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 from tiny import TINY
 
-from megaspec import build_model, compose
-from megaspec.build import meta_forward
+from megaspec import compose
 from megaspec.build_report import build_and_report
-from megaspec.validate import validate_file
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW = re.compile(r"^\| `(\w+)` \| `(specs/\w+\.yaml)` \| [^|]+ \| ([\d,]+) \|$")
@@ -36,36 +34,29 @@ def test_the_readme_lists_every_shipped_model() -> None:
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_published_parameter_count_by_a_meta_build(name: str) -> None:
+    """What `megaspec build model=NAME` does, in-process: a meta build at the published size, its count,
+    and its FLOPs, counted on a meta-device forward of the whole graph (one real command runs below)."""
     spec_file, published = FAMILIES[name]
-    cfg = compose([f"model={name}"])
+    cfg = compose([f"model={name}", "build.device=meta", "build.seq_len=8"])
     assert Path(cfg.sources.spec).name == Path(spec_file).name
-    model = build_model(cfg, device="meta")
-    assert sum(p.numel() for p in model.parameters()) == published
-    meta_forward(model, seq=4)  # the whole graph's shapes, at the published size, allocating nothing
-
-
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_build_command_reports_the_published_size(name: str) -> None:
-    """What `megaspec build model=NAME` prints, in-process (one real command runs below)."""
     lines: list[str] = []
-    result = build_and_report(compose([f"model={name}", "build.device=meta", "build.seq_len=8"]), out=lines.append)
-    assert result["parameters"] == FAMILIES[name][1]
-    assert f"total parameters: {FAMILIES[name][1]:,}" in lines
-
-
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_validate_each_family_spec_with_its_sizes(name: str) -> None:
-    spec_file, published = FAMILIES[name]
-    problems, summary = validate_file(ROOT / spec_file, name)
-    assert problems == [] and summary.startswith(f"{published:,} parameters, meta forward ok")
+    result = build_and_report(cfg, out=lines.append)
+    assert result["parameters"] == published and result["flops_per_token"] > 0
+    assert f"total parameters: {published:,}" in lines
 
 
 def test_validate_and_build_commands(tmp_path: Path) -> None:
-    specs = sorted({spec for spec, _ in FAMILIES.values()})
+    """`megaspec validate` on every family's spec (sizes from the first model using it); `megaspec build`."""
+    first_user = {}  # spec file -> the count of the first model (by name) that uses it
+    for name in sorted(FAMILIES, reverse=True):
+        first_user[FAMILIES[name][0]] = FAMILIES[name][1]
+    specs = sorted(first_user)
     validated = subprocess.run([sys.executable, "-m", "megaspec", "validate", *specs], cwd=ROOT,
                                capture_output=True, text=True, timeout=300)
     assert validated.returncode == 0, validated.stderr
-    assert [line.split(":")[0] for line in validated.stdout.splitlines()] == specs
+    assert [line.split(" (")[0] for line in validated.stdout.splitlines()] == [f"{s}: ok" for s in specs]
+    for line, spec in zip(validated.stdout.splitlines(), specs):
+        assert line.startswith(f"{spec}: ok ({first_user[spec]:,} parameters, meta forward ok"), line
     built = subprocess.run([sys.executable, "-m", "megaspec", "build", *TINY["gemma3"], "build.seq_len=16"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
