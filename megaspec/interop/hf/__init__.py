@@ -143,6 +143,15 @@ def _normalised(data: Any) -> Any:
     return data
 
 
+def _hf_config_errors() -> tuple[type[Exception], ...]:
+    """What an HF config raises for values its model cannot take (transformers 5's strict configs)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
 def match_family(spec: ModuleSpec, configs: Configs, hf_class: str | None = None) -> tuple[Family, Any]:
     """The family whose HF config reproduces this spec and config exactly, and that HF config.
 
@@ -158,7 +167,7 @@ def match_family(spec: ModuleSpec, configs: Configs, hf_class: str | None = None
         try:
             hf_config = family.hf_config_from(spec.to_dict(), configs)
             spec_data, config_data = family.spec_and_config(hf_config)
-        except (SpecError, KeyError, TypeError, ValueError) as exc:
+        except (SpecError, KeyError, TypeError, ValueError, *_hf_config_errors()) as exc:
             reasons.append(f"{family.name}: {exc}")
             continue
         if _normalised(parse_spec(spec_data).to_dict()) != _normalised(spec.to_dict()):

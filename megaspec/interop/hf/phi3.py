@@ -42,7 +42,8 @@ class Phi3(Llama):
         import transformers
 
         cfg = configs[""]
-        unsupported(self.architecture, add_bias_linear=(cfg.add_bias_linear, False))
+        unsupported(self.architecture, add_bias_linear=(cfg.add_bias_linear, False),
+                    rope_scaling=(cfg.rope_scaling, None))
         kwargs = self.hf_kwargs(cfg)
         kwargs["rope_parameters"] = {**hf_rope(cfg), "partial_rotary_factor": cfg.rotary_percent}
         kwargs.update(token_ids(cfg.vocab_size, bos_token_id=1, eos_token_id=32000, pad_token_id=32000))
