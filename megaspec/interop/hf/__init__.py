@@ -33,8 +33,8 @@ from megaspec.interop.hf.llava import Llava
 from megaspec.interop.hf.olmo2 import Olmo2
 from megaspec.interop.hf.phi3 import Phi3
 from megaspec.interop.hf.qwen import Qwen2, Qwen3
-from megaspec.interop.hf.vit import ViT
 from megaspec.interop.hf.t5 import T5
+from megaspec.interop.hf.vit import ViT
 from megaspec.record import described
 from megaspec.spec import ModuleSpec, parse_spec
 
