@@ -63,3 +63,15 @@ def test_long_rope_is_refused_by_name_and_unknown_classes_too() -> None:
     ours = from_hf(tiny())
     with pytest.raises(SpecError, match="megaspec does not convert to HF class 'Phi4ForCausalLM'"):
         to_hf(ours, hf_class="Phi4ForCausalLM")
+
+
+def test_convert_command_writes_the_hf_class_asked_for(tmp_path) -> None:
+    from megaspec.cli import main
+
+    hf = tiny(sliding_window=4)
+    megaspec.save(from_hf(hf), tmp_path / "ckpt")
+    assert main(["convert", "--to", "hf", "--hf-class", "Phi3ForCausalLM", str(tmp_path / "ckpt"),
+                 str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(back).__name__ == "Phi3ForCausalLM"
+    assert_lm_parity(back, hf, atol=0)
