@@ -12,7 +12,7 @@ from typing import Any
 
 from megaspec.configs import Configs
 from megaspec.errors import SpecError
-from megaspec.interop.hf.core import Family, Rule, rule, shipped_spec, token_ids, unsupported
+from megaspec.interop.hf.core import Family, Rule, megatron_layer_rules, rule, shipped_spec, token_ids, unsupported
 
 # ALiBi has no position table: a length limit is never read.
 BLOOM_UNREAD = frozenset({"max_position_embeddings"})
@@ -81,11 +81,8 @@ class Bloom(Family):
                 rule(f"transformer.ln_f.{p}", f"decoder.final_layernorm.{p}"),
                 rule(f"{h}input_layernorm.{p}", f"{o}input_layernorm.{p}"),
                 rule(f"{h}post_attention_layernorm.{p}", f"{o}pre_mlp_layernorm.{p}"),
-                rule(f"{h}self_attention.query_key_value.{p}", f"{o}self_attention.linear_qkv.{p}"),
-                rule(f"{h}self_attention.dense.{p}", f"{o}self_attention.linear_proj.{p}"),
-                rule(f"{h}mlp.dense_h_to_4h.{p}", f"{o}mlp.linear_fc1.{p}"),
-                rule(f"{h}mlp.dense_4h_to_h.{p}", f"{o}mlp.linear_fc2.{p}"),
             ]
+        rules += megatron_layer_rules(h, "self_attention", ("weight", "bias"))
         if not configs[""].share_embeddings_and_output_weights:
             rules.append(rule("lm_head.weight", "output_layer.weight"))
         return rules

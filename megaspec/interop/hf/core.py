@@ -104,6 +104,20 @@ def halves(tensor: Tensor) -> tuple[Tensor, Tensor]:
     return gate, up
 
 
+def megatron_layer_rules(hf_layer: str, attention: str, params: Iterable[str]) -> list[Rule]:
+    """One layer's four projections under Megatron-LM's names, which BLOOM, Falcon and GPT-NeoX kept.
+
+    Their fused `query_key_value` is already megaspec's per-group layout, so every
+    tensor moves unchanged. `hf_layer` is the layer's HF prefix with `{i}`, `attention`
+    the attention module's name in it.
+    """
+    o = "decoder.layers.{i}."
+    names = {f"{attention}.query_key_value": "self_attention.linear_qkv",
+             f"{attention}.dense": "self_attention.linear_proj",
+             "mlp.dense_h_to_4h": "mlp.linear_fc1", "mlp.dense_4h_to_h": "mlp.linear_fc2"}
+    return [rule(f"{hf_layer}{hf}.{p}", f"{o}{ours}.{p}") for p in params for hf, ours in names.items()]
+
+
 # ---------------------------------------------------------------- translation
 
 

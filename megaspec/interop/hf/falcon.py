@@ -20,6 +20,7 @@ from megaspec.interop.hf.core import (
     activation,
     hf_activation,
     layer_nodes,
+    megatron_layer_rules,
     node_at,
     rule,
     shipped_spec,
@@ -136,13 +137,8 @@ class Falcon(Family):
         for p in ("weight", "bias"):
             rules.append(rule(f"transformer.ln_f.{p}", f"decoder.final_layernorm.{p}"))
             rules += [rule(f"{h}{hf}.{p}", f"{o}{ours}.{p}") for hf, ours in norms.items()]
-        for p in ("weight", "bias") if configs[""].add_bias_linear else ("weight",):
-            rules += [
-                rule(f"{h}self_attention.query_key_value.{p}", f"{o}self_attention.linear_qkv.{p}"),
-                rule(f"{h}self_attention.dense.{p}", f"{o}self_attention.linear_proj.{p}"),
-                rule(f"{h}mlp.dense_h_to_4h.{p}", f"{o}mlp.linear_fc1.{p}"),
-                rule(f"{h}mlp.dense_4h_to_h.{p}", f"{o}mlp.linear_fc2.{p}"),
-            ]
+        rules += megatron_layer_rules(h, "self_attention",
+                                      ("weight", "bias") if configs[""].add_bias_linear else ("weight",))
         if not configs[""].share_embeddings_and_output_weights:
             rules.append(rule("lm_head.weight", "output_layer.weight"))
         return rules

@@ -16,6 +16,7 @@ from megaspec.interop.hf.core import (
     activation,
     hf_activation,
     layer_nodes,
+    megatron_layer_rules,
     node_at,
     rule,
     shipped_spec,
@@ -98,11 +99,8 @@ class GPTNeoX(Family):
                 rule(f"gpt_neox.final_layer_norm.{p}", f"decoder.final_layernorm.{p}"),
                 rule(f"{h}input_layernorm.{p}", f"{o}input_layernorm.{p}"),
                 rule(f"{h}post_attention_layernorm.{p}", f"{o}pre_mlp_layernorm.{p}"),
-                rule(f"{h}attention.query_key_value.{p}", f"{o}self_attention.linear_qkv.{p}"),
-                rule(f"{h}attention.dense.{p}", f"{o}self_attention.linear_proj.{p}"),
-                rule(f"{h}mlp.dense_h_to_4h.{p}", f"{o}mlp.linear_fc1.{p}"),
-                rule(f"{h}mlp.dense_4h_to_h.{p}", f"{o}mlp.linear_fc2.{p}"),
             ]
+        rules += megatron_layer_rules(h, "attention", ("weight", "bias"))
         if not configs[""].share_embeddings_and_output_weights:
             rules.append(rule("lm_head.weight", "output_layer.weight"))
         return rules
