@@ -136,12 +136,14 @@ def _convert(argv: list[str]) -> int:
     parser.add_argument("output", help="the directory to write")
     parser.add_argument("--to", choices=("megaspec", "hf"), default="megaspec",
                         help="what to write (default: megaspec)")
+    parser.add_argument("--hf-class", help="with --to hf: the HF class to write where several compute the model "
+                                           "(e.g. Phi3ForCausalLM rather than MistralForCausalLM)")
     args = parser.parse_args(argv)
     from megaspec.checkpoint import load, save
     from megaspec.interop.hf import from_hf, to_hf
 
     if args.to == "hf":
-        to_hf(load(args.source), args.output)
+        to_hf(load(args.source), args.output, hf_class=args.hf_class)
     else:
         save(from_hf(args.source), args.output)
     print(f"wrote {args.output}")

@@ -107,6 +107,8 @@ class TransformerConfig(BaseModel):
     # Numerics.
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     layernorm_epsilon: float = 1e-5
+    # Norm weights stored as gamma - 1, so the scale is (1 + weight) and starts at zero (Gemma; Megatron's name).
+    layernorm_zero_centered_gamma: bool = False
     activation: Activation = "gelu"
     gated_linear_unit: bool = False
     add_bias_linear: bool = True

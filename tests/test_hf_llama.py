@@ -96,10 +96,9 @@ def test_one_adamw_step_changes_both_losses_alike() -> None:
 
 
 def test_unsupported_architecture_is_named() -> None:
-    config = transformers.GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                                        intermediate_size=64, vocab_size=VOCAB)
-    hf = transformers.GPTNeoXForCausalLM(config)
-    with pytest.raises(SpecError, match=r"unsupported HF architecture 'gpt_neox' \(model_type 'gpt_neox'\)"):
+    config = transformers.GPTJConfig(n_layer=1, n_embd=32, n_head=2, rotary_dim=8, vocab_size=VOCAB)
+    hf = transformers.GPTJForCausalLM(config)
+    with pytest.raises(SpecError, match=r"unsupported HF architecture 'gptj' \(model_type 'gptj'\)"):
         from_hf(hf)
 
 

@@ -19,6 +19,8 @@ from megaspec.interop.hf.core import (
     fuse_qkv,
     halves,
     hf_activation,
+    layer_nodes,
+    node_at,
     rule,
     shipped_spec,
     split_qkv,
@@ -26,9 +28,10 @@ from megaspec.interop.hf.core import (
     unsupported,
 )
 from megaspec.interop.hf.moe import aux_loss_coeff, hf_aux_loss
-from megaspec.interop.hf.rope import hf_rope, rope_fields, rope_parameters
+from megaspec.interop.hf.rope import hf_rope, partial_rope_fields, rope_fields, rope_parameters
 
-__all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "rope_fields", "rope_parameters"]
+__all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "partial_rope_fields", "rope_fields",
+           "rope_parameters"]
 
 
 class Llama(Family):
@@ -39,13 +42,15 @@ class Llama(Family):
     hf_class = "LlamaForCausalLM"
     requires = ("gpt_model",)
     architecture = "Llama"
+    spec_name = "llama"  # the shipped spec the translation starts from
 
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         attention_bias = getattr(c, "attention_bias", False)
         unsupported(self.architecture, mlp_bias=(getattr(c, "mlp_bias", False), attention_bias))
-        act = activation(c.hidden_act, self.architecture)
-        spec = shipped_spec("llama")
-        spec["submodules"]["decoder"]["submodules"]["layers"]["submodules"]["mlp"]["submodules"]["activation"] = act
+        act = activation(self.hf_act(c), self.architecture)
+        spec = shipped_spec(self.spec_name)
+        for layer in layer_nodes(spec):
+            node_at(layer, "mlp")["submodules"]["activation"] = act
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         config = {
             "num_layers": c.num_hidden_layers,
@@ -62,13 +67,21 @@ class Llama(Family):
             "gated_linear_unit": True,
             "add_bias_linear": attention_bias,
             "position_embedding_type": "rope",
-            **rope_fields(c, self.architecture),
+            **self.rope(c),
             "share_embeddings_and_output_weights": c.tie_word_embeddings,
             "hidden_dropout": 0.0,
             "attention_dropout": c.attention_dropout,
             "init_method_std": c.initializer_range,
         }
         return spec, config
+
+    def hf_act(self, c: Any) -> str:
+        """The HF config's activation name (its field differs by family)."""
+        return c.hidden_act
+
+    def rope(self, c: Any) -> dict[str, Any]:
+        """TransformerConfig RoPE fields for the HF config."""
+        return rope_fields(c, self.architecture)
 
     def hf_kwargs(self, cfg: TransformerConfig) -> dict[str, Any]:
         """Keyword arguments of the HF config class."""
@@ -101,8 +114,17 @@ class Llama(Family):
         return decoder_rules(configs[""])
 
 
-def decoder_rules(cfg: TransformerConfig, mlp: bool = True) -> list[Rule]:
-    """Tensor rules of the Llama layout (`model.layers.{i}` <-> `decoder.layers.{i}`), MLP optional."""
+# HF per-layer norm names -> transformer_layer slots, for Llama's pre-norm layout.
+LLAMA_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "pre_mlp_layernorm"}
+
+
+def decoder_rules(cfg: TransformerConfig, mlp: bool = True, norms: dict[str, str] = LLAMA_NORMS) -> list[Rule]:
+    """Tensor rules of the Llama layout (`model.layers.{i}` <-> `decoder.layers.{i}`), MLP optional.
+
+    `norms` maps each HF layer norm to its slot (sandwich-norm families name theirs
+    differently); per-head QK-norm (`self_attn.q_norm`, `k_norm`) follows config.qk_layernorm,
+    and q/k/v biases follow add_bias_linear or add_qkv_bias (Qwen2: q/k/v only).
+    """
     heads, groups = cfg.num_attention_heads, cfg.query_groups
 
     def to_ours(q: Any, k: Any, v: Any) -> tuple[Any]:
@@ -118,11 +140,14 @@ def decoder_rules(cfg: TransformerConfig, mlp: bool = True) -> list[Rule]:
     rules = [
         rule("model.embed_tokens.weight", "embedding.weight"),
         rule("model.norm.weight", "decoder.final_layernorm.weight"),
-        rule(f"{h}input_layernorm.weight", f"{o}input_layernorm.weight"),
-        rule(f"{h}post_attention_layernorm.weight", f"{o}pre_mlp_layernorm.weight"),
+        *(rule(f"{h}{hf}.weight", f"{o}{ours}.weight") for hf, ours in norms.items()),
     ]
-    rules += [rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
-                   f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf) for p in qkv_params]
+    for p in qkv_params:
+        rules.append(rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
+                          f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf))
+    if cfg.qk_layernorm:
+        rules += [rule(f"{attn}q_norm.weight", f"{o}self_attention.q_layernorm.weight"),
+                  rule(f"{attn}k_norm.weight", f"{o}self_attention.k_layernorm.weight")]
     for p in params:
         rules.append(rule(f"{attn}o_proj.{p}", f"{o}self_attention.linear_proj.{p}"))
         if mlp:

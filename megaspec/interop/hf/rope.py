@@ -31,9 +31,12 @@ def rope_parameters(c: Any) -> dict[str, Any]:
     return {"rope_theta": getattr(c, "rope_theta", 10000.0), **scaling}
 
 
-def rope_fields(c: Any, architecture: str) -> dict[str, Any]:
-    """TransformerConfig RoPE fields (`rotary_base`, `rope_scaling`) from an HF config; unknown types are refused."""
-    rope = rope_parameters(c)
+def rope_fields(c: Any, architecture: str, rope: dict[str, Any] | None = None) -> dict[str, Any]:
+    """TransformerConfig RoPE fields (`rotary_base`, `rope_scaling`) from an HF config (or one of its RoPE dicts).
+
+    Unknown types are refused.
+    """
+    rope = rope_parameters(c) if rope is None else rope
     kind = rope.get("rope_type", rope.get("type", "default"))
     unsupported(architecture, partial_rotary_factor=(rope.get("partial_rotary_factor", 1.0), 1.0))
     fields: dict[str, Any] = {"rotary_base": float(rope["rope_theta"])}
@@ -46,6 +49,13 @@ def rope_fields(c: Any, architecture: str) -> dict[str, Any]:
         raise SpecError(f"unsupported {architecture} configuration: rope_type '{kind}' "
                         f"(megaspec supports 'default', {', '.join(repr(t) for t in ROPE_TYPES)})")
     return fields
+
+
+def partial_rope_fields(c: Any, architecture: str) -> dict[str, Any]:
+    """rope_fields for families that rotate part of each head: partial_rotary_factor as rotary_percent."""
+    rope = rope_parameters(c)
+    partial = rope.pop("partial_rotary_factor", 1.0)
+    return {**rope_fields(c, architecture, rope), "rotary_percent": float(partial)}
 
 
 def hf_rope(cfg: TransformerConfig) -> dict[str, Any]:
