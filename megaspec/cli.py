@@ -1,4 +1,4 @@
-"""The `megaspec` command: build | train | validate | list | schema | convert."""
+"""The `megaspec` command: build | train | eval | validate | list | schema | convert."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ USAGE = """usage: megaspec COMMAND [ARGS]
 
 commands:
   build [OVERRIDES]   build a model from conf/ + specs/ and print its summary (Hydra overrides; --help)
-  train [OVERRIDES]   train it: trainer.*, data=text|synthetic; torchrun for several processes
+  train [OVERRIDES]   train it: trainer.*, data=text|jsonl|synthetic; torchrun for several processes
+  eval +checkpoint=DIR [OVERRIDES]   a saved model's held-out loss and perplexity on data=...
   validate FILE...    check spec files without allocating weights
   list [KIND]         registered modules: name, kind, class, origin
   schema [-o FILE]    JSON Schema of the spec file format, for editors
@@ -55,17 +56,20 @@ def _build(argv: list[str]) -> int:
 
 
 # No single quotes in here: it reaches Hydra as one quoted override, hydra.help.template='...'.
-TRAIN_HELP = """megaspec train [OVERRIDES]: train a model on the bundled text corpus (bytes) or synthetic tokens.
+TRAIN_HELP = """megaspec train [OVERRIDES]: train on a text or JSON-lines file, the bundled text or random tokens.
 
 Overrides use the Hydra grammar, as for megaspec build:
   model=llama model.config.num_layers=2   the model and its sizes
   trainer.max_steps=500 trainer.lr=1e-3   steps, optimizer, schedule, precision (see trainer:)
   trainer.global_batch_size=32 trainer.micro_batch_size=8   gradient accumulation makes up the rest
-  data=synthetic                          random tokens (throughput) instead of text
+  data.path=FILE data=jsonl               your own text (tokenized once, cached); data=synthetic: random tokens
+  data.tokenizer=bpe data.vocab_size=4096 train a byte-level BPE on it (or a tokenizer.json; default: bytes)
+  trainer.eval_every=50 data.val_fraction=0.1   held-out loss and perplexity
   trainer.resume=outputs/DATE/TIME/checkpoints   continue from the latest checkpoint there
   parallel=fsdp_tp                        the layout under torchrun --nproc-per-node N -m megaspec train
 
-Each run writes metrics.jsonl, loss.png, checkpoints/ and model/ to outputs/DATE/TIME (hydra.run.dir=...).
+Each run writes run.json, metrics.jsonl, loss.png, tokenizer.json, checkpoints/ and model/ to
+outputs/DATE/TIME (hydra.run.dir=...).
 
 == Configuration groups ==
 $APP_CONFIG_GROUPS
@@ -88,6 +92,30 @@ def _train(argv: list[str]) -> int:
         before, after = [], ["hydra.run.dir=.", "hydra.output_subdir=null"]
     return _run_hydra(argv, "megaspec train", lambda cfg, h: train(cfg, run_dir=h.runtime.output_dir),
                       before, after)
+
+
+EVAL_HELP = """megaspec eval +checkpoint=DIR [OVERRIDES]: the held-out loss and perplexity of a saved model.
+
+The model is read from DIR (an exported megaspec checkpoint, or a run directory holding model/), with the
+tokenizer saved beside it. The data and its held-out split are given as for megaspec train:
+  data.path=FILE                          the last data.val_fraction (default 0.1) of FILE, never trained on
+  data.val_path=FILE                      all of FILE
+  data=jsonl                              JSON lines (data.text_field)
+  trainer.seq_len=128 trainer.global_batch_size=8 trainer.eval_batches=4   the windows scored (null: all of them)
+
+== Configuration groups ==
+$APP_CONFIG_GROUPS
+== Config ==
+$CONFIG"""
+
+
+def _eval(argv: list[str]) -> int:
+    from megaspec.train.eval_cli import evaluate_checkpoint
+
+    before = ["hydra.help.app_name=megaspec eval", f"hydra.help.template='{EVAL_HELP}'"]
+    return _run_hydra(argv, "megaspec eval",
+                      lambda cfg, h: evaluate_checkpoint(cfg, h.overrides.task, lambda m: print(m, flush=True)),
+                      before)
 
 
 def _list(argv: list[str]) -> int:
@@ -154,8 +182,8 @@ def _validate(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"build": _build, "train": _train, "validate": _validate, "list": _list, "schema": _schema,
-            "convert": _convert}
+COMMANDS = {"build": _build, "train": _train, "eval": _eval, "validate": _validate, "list": _list,
+            "schema": _schema, "convert": _convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
