@@ -1,4 +1,4 @@
-"""The `megaspec` command: build | train | eval | validate | list | schema | convert."""
+"""The `megaspec` command: build | train | eval | diff | validate | list | schema | convert."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ commands:
   build [OVERRIDES]   build a model from conf/ + specs/ and print its summary (Hydra overrides; --help)
   train [OVERRIDES]   train it: trainer.*, data=text|jsonl|synthetic; torchrun for several processes
   eval +checkpoint=DIR [OVERRIDES]   a saved model's held-out loss and perplexity on data=...
+  diff A B            two specs, model configs, checkpoints or run directories: slots, config, params, FLOPs
   validate FILE...    check spec files without allocating weights
   list [KIND]         registered modules: name, kind, class, origin
   schema [-o FILE]    JSON Schema of the spec file format, for editors
@@ -182,7 +183,13 @@ def _validate(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"build": _build, "train": _train, "eval": _eval, "validate": _validate, "list": _list,
+def _diff(argv: list[str]) -> int:
+    from megaspec.diff import main
+
+    return main(argv)
+
+
+COMMANDS = {"build": _build, "train": _train, "eval": _eval, "diff": _diff, "validate": _validate, "list": _list,
             "schema": _schema, "convert": _convert}
 
 
