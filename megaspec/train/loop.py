@@ -149,8 +149,12 @@ def _options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
-          ) -> list[dict[str, Any]]:
-    """Train the configured model; returns the per-step records (rank 0 also writes them to run_dir)."""
+          keep_process_group: bool = False) -> list[dict[str, Any]]:
+    """Train the configured model; returns the per-step records (rank 0 also writes them to run_dir).
+
+    `keep_process_group`: leave the torchrun process group this call starts open, for the
+    next run in the same processes (a sweep's next job); the caller ends it.
+    """
     cfg = copy.deepcopy(cfg)  # fitting the vocabulary edits it: leave the caller's alone
     opts, data_opts = _options(cfg)
     env = init_distributed(str(opts.get("device", "auto")))
@@ -165,7 +169,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, log: Callable[[str
         record.finish()
         return records
     finally:
-        if env.owns_group:
+        if env.owns_group and not keep_process_group:
             dist.destroy_process_group()
 
 
