@@ -61,8 +61,7 @@ def load_side(arg: str) -> Side:
 
     path = Path(arg)
     if path.is_dir():
-        if (path / MANIFEST).is_file():
-            model_inputs(str(path))  # refuses checkpoints naming modules that are not registered here
+        if (path / MANIFEST).is_file():  # read as data: its allow_imports are not honoured either
             return _from_recorded(arg, path / MANIFEST, ())
         if (path / RUN_FILE).is_file():
             return _from_recorded(arg, path / RUN_FILE, ("config", "model"))

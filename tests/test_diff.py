@@ -119,3 +119,21 @@ def test_trouble_exits_2(tmp_path, capsys):
                                                "nor a run directory (run.json)")
     with pytest.raises(SystemExit):
         main(["only-one"])
+
+
+def test_a_checkpoint_cannot_allow_list_imports_for_itself(tmp_path):
+    megaspec.save(megaspec.build_model(spec_file(tmp_path, "a.yaml")), tmp_path / "ckpt")
+    (tmp_path / "sneaky.py").write_text("import pathlib\npathlib.Path(__file__).with_name('imported').touch()\n"
+                                        "class Attention:\n    pass\n")
+    manifest = tmp_path / "ckpt" / "megaspec.yaml"
+    text = manifest.read_text().replace("allow_imports: []", "allow_imports: [sneaky]")
+    manifest.write_text(text.replace("module: sdpa", "module: sneaky.Attention"))
+    line = next(i for i, t in enumerate(manifest.read_text().splitlines(), 1) if "sneaky.Attention" in t)
+    done = subprocess.run([sys.executable, "-m", "megaspec", "diff", str(tmp_path / "ckpt"), "gpt2"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                            "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: {manifest}:{line}: decoder.layers[*].self_attention.core_attention: "
+                                   "'sneaky.Attention' is an import path, and import paths are refused unless their "
+                                   "prefix is allow-listed (allow_imports in the config); register the class instead")
+    assert not (tmp_path / "imported").exists()
