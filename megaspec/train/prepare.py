@@ -214,7 +214,7 @@ def tokenize(source: Source, tokenizer: Tokenizer, cache: Path, name: str,
 
             _write_atomic(bin_file, write)
             meta = {"format": FORMAT, "dtype": dtype.name, "tokens": count, "vocab_size": tokenizer.vocab_size,
-                    "source": source.key(), "tokenizer": tokenizer.to_json()}
+                    "source": source.key(), "tokenizer": fingerprint(tokenizer)}
             _write_atomic(meta_file, lambda f: f.write(json.dumps(meta, indent=1)), mode="w")
             log(f"data: tokenized {source.path} [{name}] into {count:,} tokens: {bin_file}")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
