@@ -266,6 +266,10 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
         raise SpecError(f"the batch of each data-parallel rank ({global_bs // dp_size} sequences) must be a "
                         f"multiple of the pipeline's micro-batches ({parallel.config.microbatches}); "
                         "change trainer.global_batch_size or parallel.num_microbatches")
+    if opts.get("compile"):
+        from megaspec.train.compile import compile_layers
+
+        out(f"compiling {compile_layers(model)} transformer layers (torch.compile, each in place)")
     model.train()
     optimizer = make_optimizer(model, float(opts["lr"]), float(opts["weight_decay"]),
                                tuple(float(b) for b in opts["betas"]))  # type: ignore[arg-type]
