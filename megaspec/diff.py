@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 
 from megaspec.errors import SpecError
 from megaspec.resolve import Configs, Resolved, make_configs, resolve, root_config
-from megaspec.source import SourceMap, load_yaml
+from megaspec.source import load_yaml
 from megaspec.spec import ModuleSpec, parse_spec
 from megaspec.train.metrics import si
 from megaspec.train.record import RUN_FILE
@@ -250,7 +251,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         same, lines = diff(load_side(args.a), load_side(args.b), args.seq_len)
     except SpecError as exc:
-        print(f"error: {exc}", file=__import__("sys").stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0 if same else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +131,7 @@ def test_a_checkpoint_cannot_allow_list_imports_for_itself(tmp_path):
     manifest.write_text(text.replace("module: sdpa", "module: sneaky.Attention"))
     line = next(i for i, t in enumerate(manifest.read_text().splitlines(), 1) if "sneaky.Attention" in t)
     done = subprocess.run([sys.executable, "-m", "megaspec", "diff", str(tmp_path / "ckpt"), "gpt2"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
-                                                                            "PYTHONPATH": str(tmp_path)})
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: {manifest}:{line}: decoder.layers[*].self_attention.core_attention: "
                                    "'sneaky.Attention' is an import path, and import paths are refused unless their "

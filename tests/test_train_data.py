@@ -15,7 +15,7 @@ import torch
 from megaspec import SpecError
 from megaspec.train import prepare
 from megaspec.train.data import CORPUS, TokenData, micro_batches, prepare_data, split_sources
-from megaspec.train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, save_tokenizer, train_bpe
+from megaspec.train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, save_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 
