@@ -13,7 +13,7 @@ from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
 from megaspec.modules.position.rotary import RotaryEmbedding
 
 transformers = pytest.importorskip("transformers")
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+ROPE_INIT_FUNCTIONS = pytest.importorskip("transformers.modeling_rope_utils").ROPE_INIT_FUNCTIONS
 
 MAX_POS = 8  # heads of 16 channels (8 frequencies); sequences of 12 tokens run past the context
 LONG = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]
