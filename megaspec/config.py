@@ -18,6 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, TypeAdapter, ValidationError, model_validator
 from pydantic_core import InitErrorDetails
 
+from megaspec.strict import STRICT, conform
+
 # params_dtype names -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,13 +29,20 @@ Activation = Literal["gelu", "gelu_tanh", "relu", "squared_relu", "silu", "quick
 class RopeScaling(BaseModel):
     """Llama-3.1 RoPE frequency scaling (HF `rope_type: llama3`): long wavelengths slowed by `factor`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", **STRICT)
 
     rope_type: Literal["llama3"] = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: PositiveInt = 8192
+
+    @model_validator(mode="after")
+    def _positive(self) -> RopeScaling:
+        if min(self.factor, self.low_freq_factor) <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got "
+                             f"{self.factor}, {self.low_freq_factor}, {self.high_freq_factor}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,11 @@ class ModuleField:
 
     @cached_property
     def adapter(self) -> TypeAdapter:
-        """Validates a value of this field."""
-        return TypeAdapter(self.annotation)
+        """Validates a value of this field, strictly (see megaspec.strict)."""
+        try:
+            return TypeAdapter(self.annotation, config=STRICT)
+        except Exception:  # a pydantic model as the type carries its own config
+            return TypeAdapter(self.annotation)
 
 
 _MODULE_FIELDS: dict[str, ModuleField] = {}
@@ -69,7 +81,7 @@ def add_config_fields(owner: str, fields: Mapping[str, tuple[Any, Any]]) -> None
             raise ValueError(f"{owner} declares config field '{name}' as {annotation} = {default!r}, but "
                              f"{taken.owner} declares it as {taken.annotation} = {taken.default!r}")
         try:
-            field.adapter.validate_python(default)
+            field.adapter.validate_python(conform(annotation, default))
         except ValidationError as exc:
             raise ValueError(f"{owner}: the default of config field '{name}' is invalid: {exc}") from None
         if taken is None:
@@ -96,7 +108,7 @@ class TransformerConfig(BaseModel):
     """Immutable, validated model hyper-parameters (Megatron-Core names, plus fields modules declare)."""
 
     # Extra keys are allowed only as module-declared fields (checked in _module_fields).
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(frozen=True, extra="allow", **STRICT)
 
     # Sizes.
     num_layers: PositiveInt
@@ -170,7 +182,8 @@ class TransformerConfig(BaseModel):
         """Unknown keys are refused; module-declared fields get their defaults and their types checked."""
         if not isinstance(data, Mapping):
             return data
-        data = dict(data)
+        data = {name: conform(cls.model_fields[name].annotation, value) if name in cls.model_fields else value
+                for name, value in data.items()}
         errors: list[InitErrorDetails] = []
         for name in data:
             if name not in cls.model_fields and name not in _MODULE_FIELDS:
@@ -180,7 +193,7 @@ class TransformerConfig(BaseModel):
                 data[name] = field.default
                 continue
             try:
-                data[name] = field.adapter.validate_python(data[name])
+                data[name] = field.adapter.validate_python(conform(field.annotation, data[name]))
             except ValidationError as exc:
                 errors += [InitErrorDetails(type=e["type"], loc=(name, *e["loc"]), input=e["input"],
                                             ctx=e.get("ctx", {})) for e in exc.errors()]
@@ -251,8 +264,15 @@ class TransformerConfig(BaseModel):
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.window_size is not None and min(self.window_size) < -1:
             raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {self.window_size}")
-        if self.layernorm_epsilon <= 0:
-            raise ValueError(f"layernorm_epsilon must be positive, got {self.layernorm_epsilon}")
+        for name in ("layernorm_epsilon", "rotary_base"):  # physically meaningless otherwise
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("init_method_std", "moe_router_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.moe_router_topk_scaling_factor is not None and self.moe_router_topk_scaling_factor <= 0:
+            raise ValueError(f"moe_router_topk_scaling_factor must be positive, got "
+                             f"{self.moe_router_topk_scaling_factor}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
         return self

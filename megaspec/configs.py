@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from megaspec.config import TransformerConfig, field_annotation, field_names
 from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.signature import type_name
-from megaspec.source import Key, SourceMap
+from megaspec.source import ABSENT, Key, SourceMap
 from megaspec.spec import ModuleSpec
 
 
@@ -27,11 +27,12 @@ def config_problems(exc: ValidationError, smap: SourceMap, key: Key, tree: str,
         elif err["type"] == "extra_forbidden":
             msg = f"unknown config field '{name}'{did_you_mean(name, list(fields))}"
         elif name in fields and len(err["loc"]) == 1 and err["type"] != "value_error":
-            msg = f"expected {type_name(field_annotation(name))}, got {err.get('input')!r}"
+            finite = " (finite)" if err["type"] == "finite_number" else ""
+            msg = f"expected {type_name(field_annotation(name))}{finite}, got {err.get('input')!r}"
         else:
             msg = str(err["msg"]).removeprefix("Value error, ")
         if name:
-            out.append(smap.problem((*key, name), where, msg, data.get(name, ...)))
+            out.append(smap.problem((*key, name), where, msg, data.get(name, ABSENT)))
         else:
             out.append(smap.problem(key, where, msg))
     return out
