@@ -20,6 +20,7 @@ from megaspec.config import DTYPES, TransformerConfig
 from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
 from megaspec.init import batched_init, check_buffers, init_weights, poison_buffers
+from megaspec.memory import check_weights_fit
 from megaspec.record import BuildRecord, Registered, attach_record
 from megaspec.resolve import Resolved, resolve
 from megaspec.spec import ModuleSpec
@@ -71,7 +72,11 @@ def _construct(r: Resolved, built: Built, provided: Mapping[str, Any] | None = N
 
 
 def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
-    """Allocate a meta-built model's storage on `device` and initialise it; every buffer must get a value."""
+    """Allocate a meta-built model's storage on `device` and initialise it; every buffer must get a value.
+
+    A model whose weights do not fit in the device's available memory is a SpecError, before any allocation.
+    """
+    check_weights_fit(model, device)
     model.to_empty(device=device)
     with torch.no_grad():
         poisoned = poison_buffers(model)

@@ -10,15 +10,8 @@ import torch
 from megaspec.build import build_module, materialize
 from megaspec.configs import root_config
 from megaspec.inputs import model_inputs
-from megaspec.summary import (
-    available_memory,
-    count_parameters,
-    format_tree,
-    forward_flops,
-    human_bytes,
-    parameter_bytes,
-    slot_rows,
-)
+from megaspec.memory import available_memory, human_bytes, parameter_bytes
+from megaspec.summary import count_parameters, format_tree, forward_flops, slot_rows
 
 # Real weights only when they take at most this share of the available memory,
 # leaving room for activations: a too-large model stays on the meta device.
