@@ -51,7 +51,7 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def check_fits(need: int, device: str | torch.device, what: str) -> None:
+def check_fits(need: int, device: str | torch.device, what: str, ways_out: str = WAYS_OUT) -> None:
     """Refuse, with both numbers and the ways out, when `need` bytes exceed what `device` has available."""
     device = torch.device(device)
     if device.type == "meta":
@@ -59,7 +59,7 @@ def check_fits(need: int, device: str | torch.device, what: str) -> None:
     have = available_memory(device)
     if need > have:
         raise SpecError(f"{what} needs about {human_bytes(need)} on {device.type}, but {human_bytes(have)} is "
-                        f"available; {WAYS_OUT}")
+                        f"available; {ways_out}")
 
 
 def check_weights_fit(model: nn.Module, device: str | torch.device | None, what: str = "the model") -> None:

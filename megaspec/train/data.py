@@ -78,7 +78,10 @@ def load_text(path: str | None) -> str:
     file = Path(path) if path else CORPUS
     if not file.is_file():
         raise SpecError(f"data.path: no such file: {file}")
-    return file.read_text(encoding="utf-8")
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"data.path: cannot read {file} as UTF-8 text: {exc}") from None
 
 
 def make_data(data_cfg: dict, seq_len: int, seed: int, vocab_size: int) -> TokenData | SyntheticData:
