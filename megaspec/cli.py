@@ -20,16 +20,56 @@ commands:
   list [KIND]         registered modules: name, kind, class, origin
   schema [-o FILE]    JSON Schema of the spec file format, for editors
   convert SRC OUT     HF save_pretrained directory -> megaspec checkpoint (--to hf: the reverse)
+
+build, train, validate and convert take --allow-imports PREFIX: an import path (module: pkg.mod.Class)
+that specs and checkpoints may then name; a spec or checkpoint can never allow one itself.
 """
+
+
+ALLOW_IMPORTS = "--allow-imports"
+ALLOW_HELP = ("import-path prefix a spec or checkpoint may name as `module:` (repeatable); only for code you trust: "
+              "a spec or checkpoint can never allow imports itself")
+
+
+def _pop_allow_imports(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the --allow-imports prefixes, the other arguments) of a Hydra command line."""
+    allow, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == ALLOW_IMPORTS:
+            value = next(args, None)
+            if value is None or value.startswith("-"):
+                raise _UsageError(f"{ALLOW_IMPORTS} needs a prefix, e.g. {ALLOW_IMPORTS} my_package.layers")
+            allow.append(value)
+        elif arg.startswith(ALLOW_IMPORTS + "="):
+            allow.append(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+    return allow, rest
+
+
+class _UsageError(Exception):
+    """A command line that cannot be run: exit status 2."""
+
+
+class _TaskFailed(Exception):
+    """An unexpected error inside the task itself (a bug, not a bad override): re-raised as it was."""
 
 
 def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
                before: Sequence[str] = (), after: Sequence[str] = ()) -> int:
     """Run `task(cfg, hydra_config)` under hydra.main with conf/ + specs/ and the given overrides."""
+    import os
+
     import hydra
+    from omegaconf import open_dict
 
     from megaspec.compose import record_sources, searchpath_override
+    from megaspec.hydra_errors import check_resolves, composition_error, is_grammar_error, overrides_in
     from megaspec.paths import conf_dir
+
+    allow, argv = _pop_allow_imports(argv)
+    overrides = overrides_in(argv)
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
     def run(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
@@ -38,14 +78,46 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
         hydra_cfg = HydraConfig.get()
         record_sources(cfg, hydra_cfg.runtime.choices)
         try:
+            check_resolves(cfg, overrides)
+            if allow:  # the caller's own allow-list: on the command line, as in the user's config
+                with open_dict(cfg):
+                    cfg.allow_imports = [*(cfg.get("allow_imports") or []), *allow]
             task(cfg, hydra_cfg)
         except SpecError as exc:  # one readable line, not a traceback
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
+        except Exception as exc:
+            raise _TaskFailed() from exc
 
     sys.argv = [prog, searchpath_override(), *before, *argv, *after]
-    run()
+    # Hydra prints a composition error over several lines with a footer about HYDRA_FULL_ERROR;
+    # with the variable set it raises instead, and the error is reported here as one paragraph.
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        run()
+    except _TaskFailed as failed:
+        raise failed.__cause__ from None  # type: ignore[misc]
+    except Exception as exc:  # composing the config failed: the user's overrides are at fault
+        print(f"error: {composition_error(exc, overrides, _composition_fails)}", file=sys.stderr)
+        return 2 if is_grammar_error(exc, overrides) else 1
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
     return 0
+
+
+def _composition_fails(overrides: Sequence[str]) -> bool:
+    """Whether these overrides alone fail to compose (to find the one to blame)."""
+    from megaspec.compose import compose
+
+    try:
+        compose(overrides)
+    except SpecError:
+        return True
+    return False
 
 
 def _build(argv: list[str]) -> int:
@@ -121,8 +193,11 @@ def _schema(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     text = json.dumps(json_schema(), indent=2)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            raise SpecError(f"cannot write '{args.output}': {exc.strerror or exc}") from None
     else:
         print(text)
     return 0
@@ -136,12 +211,13 @@ def _convert(argv: list[str]) -> int:
     parser.add_argument("output", help="the directory to write")
     parser.add_argument("--to", choices=("megaspec", "hf"), default="megaspec",
                         help="what to write (default: megaspec)")
+    parser.add_argument(ALLOW_IMPORTS, action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
     args = parser.parse_args(argv)
     from megaspec.checkpoint import load, save
     from megaspec.interop.hf import from_hf, to_hf
 
     if args.to == "hf":
-        to_hf(load(args.source), args.output)
+        to_hf(load(args.source, allow_imports=args.allow_imports), args.output)
     else:
         save(from_hf(args.source), args.output)
     print(f"wrote {args.output}")
@@ -177,6 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args[1:])
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except _UsageError as exc:
+        print(f"megaspec {args[0]}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the user named cannot be read or written
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 
