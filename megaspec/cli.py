@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from megaspec.errors import SpecError
@@ -217,6 +218,10 @@ def _convert(argv: list[str]) -> int:
     from megaspec.interop.hf import from_hf, to_hf
 
     if args.to == "hf":
+        out = Path(args.output)
+        # save_pretrained replaces shard files it finds there: write only into a new or empty directory.
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise SpecError(f"'{out}' exists and is not an empty directory; convert --to hf writes a new one")
         to_hf(load(args.source, allow_imports=args.allow_imports), args.output)
     else:
         save(from_hf(args.source), args.output)
