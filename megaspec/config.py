@@ -23,6 +23,10 @@ from megaspec.strict import STRICT, conform
 # params_dtype names -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Layers in one model (or named part of one): ten times the deepest published transformer. Checked
+# with the other sizes, so that a typo of 10**9 is an error before any list of layers is made.
+MAX_LAYERS = 1024
+
 Activation = Literal["gelu", "gelu_tanh", "relu", "squared_relu", "silu", "quick_gelu"]
 
 
@@ -243,6 +247,8 @@ class TransformerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TransformerConfig:
+        if self.num_layers > MAX_LAYERS:
+            raise ValueError(f"num_layers ({self.num_layers:,}) must be at most {MAX_LAYERS}")
         heads, groups = self.num_attention_heads, self.num_query_groups
         if self.kv_channels is None and self.hidden_size % heads:
             raise ValueError(

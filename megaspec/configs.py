@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ from pydantic import ValidationError
 from megaspec.config import TransformerConfig, field_annotation, field_names
 from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.signature import type_name
-from megaspec.source import ABSENT, Key, SourceMap
+from megaspec.source import ABSENT, COMMAND_LINE, Key, SourceMap
 from megaspec.spec import ModuleSpec
 
 
@@ -34,8 +35,16 @@ def config_problems(exc: ValidationError, smap: SourceMap, key: Key, tree: str,
         if name:
             out.append(smap.problem((*key, name), where, msg, data.get(name, ABSENT)))
         else:
-            out.append(smap.problem(key, where, msg))
+            out.append(_rule_problem(smap, key, where, msg, data))
     return out
+
+
+def _rule_problem(smap: SourceMap, key: Key, where: str, message: str, data: Mapping[str, Any]) -> Problem:
+    """A broken cross-field rule, blamed on the command line when it changed a field the message names."""
+    named = [f for f in field_names() if re.search(rf"\b{re.escape(f)}\b", message)]
+    if any(smap.locate((*key, f), data.get(f, ABSENT))[0] == COMMAND_LINE for f in named):
+        return Problem(message, where, COMMAND_LINE)
+    return smap.problem(key, where, message)
 
 
 def make_config(data: Mapping[str, Any] | TransformerConfig, smap: SourceMap | None = None,
