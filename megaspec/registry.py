@@ -200,8 +200,9 @@ def names(kind: str | None = None) -> list[str]:
 def _import_dotted(path: str, allow_imports: tuple[str, ...]) -> Entry:
     if not any(path == p or path.startswith(p.rstrip(".") + ".") for p in allow_imports):
         raise RegistryError(
-            f"'{path}' is an import path, and import paths are refused unless their prefix is "
-            "allow-listed (allow_imports in the config); register the class instead"
+            f"'{path}' is an import path, and import paths are refused unless you allow their prefix "
+            f"(allow_imports=['{path.rpartition('.')[0]}'] in Python, --allow-imports PREFIX on the command line, "
+            "or allow_imports in your config); or register the class"
         )
     module_name, _, attr = path.rpartition(".")
     try:
