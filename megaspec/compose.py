@@ -108,7 +108,11 @@ def cfg_inputs(cfg: DictConfig | Mapping[str, Any]) -> tuple[ModuleSpec, Configs
     sources = sources or {}
     spec = parse_spec(model["spec"], _source_map(sources.get("spec"), composed=True))
     configs = make_configs(model["config"], _source_map(sources.get("model"), composed=True), ("config",))
-    return spec, configs, tuple(data.get("allow_imports") or ())
+    allow = data.get("allow_imports") or ()
+    if not isinstance(allow, (list, tuple)) or not all(isinstance(a, str) and a for a in allow):
+        raise SpecError(Problem(f"allow_imports: expected a list of import-path prefixes, got {allow!r}", "",
+                                COMMAND_LINE if sources else None))
+    return spec, configs, tuple(allow)
 
 
 def models_using_spec(spec_file: Path) -> list[str]:

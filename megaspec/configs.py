@@ -52,6 +52,10 @@ def make_config(data: Mapping[str, Any] | TransformerConfig, smap: SourceMap | N
     """Validate TransformerConfig fields; SpecError lists every problem with its location."""
     if isinstance(data, TransformerConfig):
         return data
+    if not isinstance(data, Mapping):
+        kind = "a list" if isinstance(data, (list, tuple)) else f"{type(data).__name__} {data!r}"
+        raise SpecError((smap or SourceMap()).problem(key, tree, f"expected a mapping of config fields, got {kind}",
+                                                      data))
     try:
         return TransformerConfig.model_validate(dict(data))
     except ValidationError as exc:

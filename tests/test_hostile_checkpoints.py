@@ -486,3 +486,96 @@ def test_convert_refuses_weights_that_do_not_cover_the_model(tmp_path, capsys) -
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'hf'}: the weights lack or mis-shape 1 tensor(s) the model needs (HF would initialise "
         "them at random): model.norm.weight")
+
+
+# ---------------------------------------------------------------- training checkpoints (DCP)
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-step training run's DCP checkpoint, and a TrainState of the same model to load it into."""
+    from megaspec.train import train
+
+    run = tmp_path_factory.mktemp("run")
+    overrides = ["model.config.num_layers=1", "model.config.hidden_size=16", "model.config.num_attention_heads=2",
+                 "model.config.max_position_embeddings=16", "trainer.max_steps=1", "trainer.seq_len=8",
+                 "trainer.global_batch_size=2", "trainer.export=false", "trainer.progress=false"]
+    train(megaspec.compose(overrides), run_dir=run, log=lambda m: None)
+    return next((run / "checkpoints").glob("step_*"))
+
+
+def train_state():
+    from megaspec.train.checkpoint import TrainState
+
+    cfg = megaspec.compose(["model.config.num_layers=1", "model.config.hidden_size=16",
+                            "model.config.num_attention_heads=2", "model.config.max_position_embeddings=16",
+                            "model.config.vocab_size=256"])
+    model = megaspec.build_model(cfg)
+    return TrainState(model, torch.optim.AdamW(model.parameters()))
+
+
+def test_a_training_checkpoint_index_is_never_unpickled_as_code(trained, tmp_path, capfd) -> None:
+    from megaspec.train.checkpoint import load
+
+    marker = tmp_path / "UNPICKLED"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "code ran"))
+
+    index = trained / ".metadata"
+    original = index.read_bytes()
+    try:
+        index.write_bytes(pickle.dumps(Payload()))
+        assert error_of(lambda: load(train_state(), trained)) == (
+            f"trainer.resume: {index}: not a readable checkpoint index: the checkpoint's index names "
+            "pathlib.Path.write_text, which a DCP index never holds")
+        index.write_bytes(original[: len(original) // 2])
+        assert error_of(lambda: load(train_state(), trained)).startswith(
+            f"trainer.resume: {index}: not a readable checkpoint index: ")
+    finally:
+        index.write_bytes(original)
+    assert not marker.exists() and "Traceback" not in capfd.readouterr().err
+    state = train_state()
+    load(state, trained)  # the real index still loads
+    assert state.step == 1
+
+
+def test_a_training_checkpoint_cannot_name_files_outside(trained) -> None:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from megaspec.train.checkpoint import load
+    from megaspec.train.safe_dcp import _MetadataUnpickler
+
+    index = trained / ".metadata"
+    original = index.read_bytes()
+    with open(index, "rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    key = next(iter(metadata.storage_data))
+    info = metadata.storage_data[key]
+    metadata.storage_data[key] = _StorageInfo("../../elsewhere.distcp", info.offset, info.length)
+    try:
+        index.write_bytes(pickle.dumps(metadata))
+        assert error_of(lambda: load(train_state(), trained)) == (
+            f"trainer.resume: {index}: names the file '../../elsewhere.distcp', which is not a plain file name "
+            "inside the checkpoint directory")
+    finally:
+        index.write_bytes(original)
+
+
+def test_non_tensor_training_state_is_loaded_without_code(tmp_path) -> None:
+    import io
+
+    from megaspec.train.safe_dcp import SafePlanner
+
+    marker = tmp_path / "UNPICKLED"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "code ran"))
+
+    buffer = io.BytesIO()
+    torch.save({"lr": Payload()}, buffer)
+    buffer.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        SafePlanner().load_bytes(None, buffer)
+    assert not marker.exists()
