@@ -50,8 +50,14 @@ def _one_line(text: str) -> str:
                 options.append(line)
             continue
         search_path = line.startswith("Config search path")
-        if not search_path:
-            lines.append(f"(at {line.removeprefix('full_key:').strip()})" if line.startswith("full_key:") else line)
+        if search_path or set(line) <= {"^", " "}:  # the search path; a caret under a position already named
+            continue
+        if line.startswith("full_key:"):
+            lines.append(f"(at {line.removeprefix('full_key:').strip()})")
+        else:  # one sentence per line in Hydra's messages: keep them apart
+            if lines and lines[-1][-1] not in ".:;!?)":
+                lines[-1] += "."
+            lines.append(line)
     joined = " ".join(lines)
     return f"{joined.rstrip(':')}: {', '.join(options)}" if options else joined
 

@@ -326,9 +326,10 @@ def read_limited(path: str | Path, name: str, limit: int = MAX_FILE_BYTES) -> by
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise SpecError(Problem(f"cannot read file: {exc.strerror or exc}", "", name)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SpecError(Problem("cannot read file: not a regular file", "", name))
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SpecError(Problem("cannot read file: not a regular file", "", name))
         try:
             data = f.read(limit + 1)
         except OSError as exc:

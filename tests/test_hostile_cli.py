@@ -88,7 +88,7 @@ def test_usage_errors_exit_2(argv, capsys) -> None:
 # ---------------------------------------------------------------- Hydra commands, in a subprocess
 
 @pytest.mark.parametrize("args, status, message", [
-    (["build", "model=nope"], 1, "error: command line: model=nope: In 'config': Could not find 'model/nope' "
+    (["build", "model=nope"], 1, "error: command line: model=nope: In 'config': Could not find 'model/nope'. "
                                  "Available options in 'model': bert, gpt2, llama, llava, mixtral, t5, t5_v1_1"),
     (["build", "model.config.x=["], 2, "error: command line: model.config.x=[: no viable alternative at input '['"),
     (["build", "model.config.num_layers=${nope}"], 1,

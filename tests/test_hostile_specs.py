@@ -257,7 +257,7 @@ def test_values_from_overrides_are_blamed_on_the_command_line(overrides, message
 COMPOSITION = [
     (["model.config.num_layers=2", "model.config.x=["], "model.config.x=[", "no viable alternative at input '['"),
     (["a b"], "a b", "LexerNoViableAltException: a b"),
-    (["model=nope"], "model=nope", "In 'config': Could not find 'model/nope' Available options in 'model': bert, "
+    (["model=nope"], "model=nope", "In 'config': Could not find 'model/nope'. Available options in 'model': bert, "
                                    "gpt2, llama, llava, mixtral, t5, t5_v1_1"),
     (["specs@model.spec=nope"], "specs@model.spec=nope", "In 'model/gpt2': Could not find 'specs/nope'"),
     (["model.config.num_layerz=3"], "model.config.num_layerz=3", "Could not override 'model.config.num_layerz'. "
