@@ -9,7 +9,8 @@ exactly once, TorchTitan-style. The model gets a BuildRecord of what built it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -112,10 +113,40 @@ def build_module(
 
 
 def meta_forward(model: nn.Module, batch: int = 1, seq: int = 8) -> Any:
-    """Run a forward pass on meta tensors: a memory-free shape check of the whole graph."""
+    """Run a forward pass on meta tensors: a memory-free shape check of the whole graph.
+
+    A module that fails (slots whose shapes do not fit) is a SpecError naming its path in the model.
+    """
     make = getattr(model, "example_inputs", None)
     if make is None:
         raise SpecError(f"{type(model).__name__} has no example_inputs(); cannot shape-check it")
     inputs = make(batch=batch, seq=seq, device="meta")
-    with torch.no_grad():
-        return model(**inputs)
+    with torch.no_grad(), _running(model) as running:
+        try:
+            return model(**inputs)
+        except SpecError:
+            raise
+        except Exception as exc:  # a shape mismatch between slots surfaces here
+            where = running[-1] if running else ""
+            raise SpecError(Problem(f"meta forward failed: {type(exc).__name__}: {exc}",
+                                    where or "<root>")) from None
+
+
+@contextmanager
+def _running(model: nn.Module) -> Iterator[list[str]]:
+    """The paths of the modules whose forward is running, innermost last."""
+    names = {m: name for name, m in model.named_modules()}
+    running: list[str] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        running.append(names[module])
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:  # returns None: the output stays as it is
+        running.pop()
+
+    handles = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield running
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -65,6 +65,9 @@ def build_and_report(cfg: Any, out: Any = print) -> dict[str, Any]:
     # Loading a checkpoint holds its tensors and the model's at once; the forward needs its activations.
     need = weights * (2 if checkpoint else 1) + training.activations
     result: dict[str, Any] = {"parameters": total, "flops_per_token": flops and flops / seq, "device": "meta"}
+    if getattr(model, "example_inputs", None) is None:
+        out(f"built on the meta device: {type(model).__name__} has no example_inputs(), so no forward pass was run")
+        return result
     if device == "meta" or need > MEMORY_SHARE * free:
         if device != "meta":
             out(f"built on the meta device: the weights need {human_bytes(weights)} and "

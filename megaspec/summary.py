@@ -108,16 +108,13 @@ def forward_flops(model: nn.Module, seq: int) -> int | None:
     """FLOPs of one forward pass over `seq` tokens, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    make = getattr(model, "example_inputs", None)
-    if make is None:
-        return None
-    inputs = make(batch=1, seq=seq, device="meta")
-    meta_model = model if _is_meta(model) else None
-    if meta_model is None:
+    from megaspec.build import meta_forward
+
+    if getattr(model, "example_inputs", None) is None or not _is_meta(model):
         return None
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        meta_model(**inputs)
+    with counter:
+        meta_forward(model, 1, seq)  # a SpecError naming the module, if the slots' shapes do not fit
     return int(counter.get_total_flops())
 
 

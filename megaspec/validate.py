@@ -25,10 +25,8 @@ def validate_file(path: str | Path, model: str | None = None,
         return exc.problems, ""
     try:
         out = meta_forward(built)
-    except SpecError as exc:
-        return exc.problems, ""
-    except Exception as exc:  # a shape mismatch between slots surfaces here
-        return [Problem(f"meta forward failed: {type(exc).__name__}: {exc}", "<root>", shown, spec.line)], ""
+    except SpecError as exc:  # a shape mismatch between slots, at the module that failed
+        return [Problem(p.message, p.path, p.file or shown, p.line) for p in exc.problems], ""
     main = getattr(out, "logits", None)
     if main is None:
         main = getattr(out, "last_hidden_state", None)

@@ -108,6 +108,18 @@ def test_hydra_failures_are_one_paragraph(tmp_path, args, status, message) -> No
     assert one_paragraph(done) == message
 
 
+def test_slots_whose_shapes_do_not_fit_name_the_module(tmp_path) -> None:
+    norm = "model.spec.submodules.decoder.submodules.final_layernorm={module: layer_norm, params: {hidden_size: 7}}"
+    done = megaspec("build", "model.config.num_layers=1", norm, cwd=tmp_path)
+    assert done.returncode == 1
+    assert one_paragraph(done) == (
+        "error: decoder.final_layernorm: meta forward failed: RuntimeError: Given normalized_shape=[7], expected "
+        "input with shape [7], but got input of size torch.Size([1, 128, 768])")
+    done = megaspec("build", "model.spec=layer_norm", cwd=tmp_path)  # a root that cannot make inputs
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert done.stdout.strip().endswith("LayerNorm has no example_inputs(), so no forward pass was run")
+
+
 def test_a_bad_checkpoint_path(tmp_path) -> None:
     done = megaspec("build", f"+checkpoint={tmp_path / 'nope'}", cwd=tmp_path)
     assert done.returncode == 1
