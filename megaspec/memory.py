@@ -34,6 +34,7 @@ def available_memory(device: str | torch.device = "cpu") -> int:
     """Bytes that can be allocated on `device` now (MemAvailable on Linux CPUs, free memory on a GPU)."""
     device = torch.device(device)
     if device.type == "cuda":
+        check_device(device)
         return int(torch.cuda.mem_get_info(device)[0])
     try:
         with open("/proc/meminfo") as f:
@@ -43,6 +44,17 @@ def available_memory(device: str | torch.device = "cpu") -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a CUDA device this machine does not have, before anything is placed on it."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index or 0) >= count:
+        have = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise SpecError(f"device '{device}' was asked for, but this machine has {have}; use cpu (or auto)")
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -108,6 +108,20 @@ def test_hydra_failures_are_one_paragraph(tmp_path, args, status, message) -> No
     assert one_paragraph(done) == message
 
 
+@pytest.mark.parametrize("args", [["build", "build.device=cuda:99"], ["train", "trainer.device=cuda"]])
+def test_a_device_the_machine_lacks(tmp_path, args) -> None:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args[0] == "train" and count:
+        pytest.skip("this machine has a CUDA device")
+    done = megaspec(*args, "model.config.num_layers=1", "trainer.max_steps=1", cwd=tmp_path)
+    device = "cuda:99" if args[0] == "build" else "cuda:0"
+    have = f"{count} CUDA device(s)" if count else "no CUDA device"
+    assert done.returncode == 1
+    assert one_paragraph(done) == f"error: device '{device}' was asked for, but this machine has {have}; use cpu (or auto)"
+
+
 def test_slots_whose_shapes_do_not_fit_name_the_module(tmp_path) -> None:
     norm = "model.spec.submodules.decoder.submodules.final_layernorm={module: layer_norm, params: {hidden_size: 7}}"
     done = megaspec("build", "model.config.num_layers=1", norm, cwd=tmp_path)

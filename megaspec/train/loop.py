@@ -28,7 +28,7 @@ from megaspec.build import build_module
 from megaspec.configs import root_config
 from megaspec.errors import SpecError
 from megaspec.inputs import model_inputs
-from megaspec.memory import WAYS_OUT, check_fits, training_memory
+from megaspec.memory import WAYS_OUT, check_device, check_fits, training_memory
 from megaspec.options import TrainerOptions, validated
 from megaspec.record import build_record
 from megaspec.summary import count_parameters, forward_flops
@@ -61,6 +61,7 @@ def init_distributed(device_opt: str) -> Dist:
     use_cuda = device_opt == "cuda" or (device_opt == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
+        check_device(device)
         torch.cuda.set_device(device)
     owns = False
     if world > 1 and not dist.is_initialized():
