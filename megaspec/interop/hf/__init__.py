@@ -110,7 +110,7 @@ def _load_hf(model_or_path: Any) -> Any:
     try:
         hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # malformed JSON, an unknown model_type, a request for remote code
-        raise SpecError(Problem(f"cannot read the HF config: {type(exc).__name__}: {exc}", "",
+        raise SpecError(Problem(f"cannot read the HF config: {type(exc).__name__}: {_one_line(exc)}", "",
                                 str(path / "config.json"))) from None
     family = family_for(hf_config)
     if not list(path.glob("*.safetensors")):
@@ -125,7 +125,7 @@ def _load_hf(model_or_path: Any) -> Any:
         raise
     except Exception as exc:  # a config.json value of the wrong type reaches the family's arithmetic
         raise SpecError(Problem(f"the HF config does not describe a model megaspec can build: "
-                                f"{type(exc).__name__}: {exc}", "", str(path / "config.json"))) from None
+                                f"{type(exc).__name__}: {_one_line(exc)}", "", str(path / "config.json"))) from None
     # The HF model, its tensors translated, and the megaspec model: three copies at the peak.
     check_fits(3 * parameter_bytes(build_module(spec, configs, device="meta")), "cpu",
                f"converting '{path}' (the HF model, the translated tensors and the megaspec model)")
@@ -133,13 +133,18 @@ def _load_hf(model_or_path: Any) -> Any:
         hf, info = getattr(transformers, family.hf_class).from_pretrained(
             path, config=hf_config, use_safetensors=True, local_files_only=True, output_loading_info=True)
     except Exception as exc:  # damaged or hostile safetensors files, shapes that do not fit the config
-        raise SpecError(Problem(f"cannot load the HF weights: {type(exc).__name__}: {exc}", "", str(path))) from None
+        raise SpecError(Problem(f"cannot load the HF weights: {type(exc).__name__}: {_one_line(exc)}", "",
+                                str(path))) from None
     missing = [*info.get("missing_keys", ()), *(str(m[0]) for m in info.get("mismatched_keys", ()))]
     if missing:
         raise SpecError(Problem(f"the weights lack or mis-shape {len(missing)} tensor(s) the model needs "
                                 f"(HF would initialise them at random): {', '.join(sorted(map(str, missing))[:10])}",
                                 "", str(path)))
     return hf
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _float_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
