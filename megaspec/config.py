@@ -92,6 +92,12 @@ def add_config_fields(owner: str, fields: Mapping[str, tuple[Any, Any]]) -> None
             _MODULE_FIELDS[name] = field
 
 
+def remove_config_fields(names: set[str]) -> None:
+    """Forget module-declared fields (their module was unregistered), so configs no longer carry them."""
+    for name in names:
+        _MODULE_FIELDS.pop(name, None)
+
+
 def module_fields() -> dict[str, ModuleField]:
     """The config fields modules declared, by name."""
     return dict(_MODULE_FIELDS)
