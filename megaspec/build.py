@@ -9,7 +9,8 @@ exactly once, TorchTitan-style. The model gets a BuildRecord of what built it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from megaspec.config import DTYPES, TransformerConfig
 from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
 from megaspec.init import batched_init, check_buffers, init_weights, poison_buffers
+from megaspec.memory import check_weights_fit
 from megaspec.record import BuildRecord, Registered, attach_record
 from megaspec.resolve import Resolved, resolve
 from megaspec.spec import ModuleSpec
@@ -71,7 +73,11 @@ def _construct(r: Resolved, built: Built, provided: Mapping[str, Any] | None = N
 
 
 def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
-    """Allocate a meta-built model's storage on `device` and initialise it; every buffer must get a value."""
+    """Allocate a meta-built model's storage on `device` and initialise it; every buffer must get a value.
+
+    A model whose weights do not fit in the device's available memory is a SpecError, before any allocation.
+    """
+    check_weights_fit(model, device)
     model.to_empty(device=device)
     with torch.no_grad():
         poisoned = poison_buffers(model)
@@ -107,10 +113,40 @@ def build_module(
 
 
 def meta_forward(model: nn.Module, batch: int = 1, seq: int = 8) -> Any:
-    """Run a forward pass on meta tensors: a memory-free shape check of the whole graph."""
+    """Run a forward pass on meta tensors: a memory-free shape check of the whole graph.
+
+    A module that fails (slots whose shapes do not fit) is a SpecError naming its path in the model.
+    """
     make = getattr(model, "example_inputs", None)
     if make is None:
         raise SpecError(f"{type(model).__name__} has no example_inputs(); cannot shape-check it")
     inputs = make(batch=batch, seq=seq, device="meta")
-    with torch.no_grad():
-        return model(**inputs)
+    with torch.no_grad(), _running(model) as running:
+        try:
+            return model(**inputs)
+        except SpecError:
+            raise
+        except Exception as exc:  # a shape mismatch between slots surfaces here
+            where = running[-1] if running else ""
+            raise SpecError(Problem(f"meta forward failed: {type(exc).__name__}: {exc}",
+                                    where or "<root>")) from None
+
+
+@contextmanager
+def _running(model: nn.Module) -> Iterator[list[str]]:
+    """The paths of the modules whose forward is running, innermost last."""
+    names = {m: name for name, m in model.named_modules()}
+    running: list[str] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        running.append(names[module])
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:  # returns None: the output stays as it is
+        running.pop()
+
+    handles = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield running
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -6,38 +6,42 @@ import time
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from megaspec.build import build_module, materialize
+from megaspec.checkpoint import checkpoint_inputs
 from megaspec.configs import root_config
 from megaspec.inputs import model_inputs
-from megaspec.summary import (
-    available_memory,
-    count_parameters,
-    format_tree,
-    forward_flops,
-    human_bytes,
-    parameter_bytes,
-    slot_rows,
-)
+from megaspec.memory import available_memory, human_bytes, parameter_bytes, training_memory
+from megaspec.options import BuildOptions, validated
+from megaspec.summary import count_parameters, format_tree, forward_flops, slot_rows
 
 # Real weights only when they take at most this share of the available memory,
 # leaving room for activations: a too-large model stays on the meta device.
 MEMORY_SHARE = 0.5
 
 
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
 def build_and_report(cfg: Any, out: Any = print) -> dict[str, Any]:
     """Build the configured model, print its summary, run one forward; return the figures."""
-    # `+checkpoint=DIR`: a saved megaspec checkpoint's spec, config and weights replace the composed model.
+    opts = validated(BuildOptions, _plain(cfg.get("build")), "build")
+    # `+checkpoint=DIR`: a saved megaspec checkpoint's spec, config and weights replace the composed model;
+    # import paths it may name are the user's own allow_imports, never the checkpoint's.
     checkpoint = cfg.get("checkpoint")
-    spec, configs, allow = model_inputs(str(checkpoint) if checkpoint else cfg)
+    if checkpoint is not None:
+        spec, configs, allow = checkpoint_inputs(str(checkpoint), tuple(_plain(cfg.get("allow_imports")) or ()))
+    else:
+        spec, configs, allow = model_inputs(cfg)
     config = root_config(spec, configs)
-    opts = cfg.get("build", {}) or {}
-    torch.manual_seed(int(opts.get("seed", 0)))
+    torch.manual_seed(opts.seed)
     model = build_module(spec, configs, device="meta", allow_imports=allow)
     total = count_parameters(model)
     weights = parameter_bytes(model)
-    seq = min(int(opts.get("seq_len", 128)), config.max_position_embeddings)
-    batch = int(opts.get("batch_size", 1))
+    seq = min(opts.seq_len, config.max_position_embeddings)
+    batch = opts.batch_size
     flops = forward_flops(model, seq)
 
     sources = cfg.get("sources") or {}
@@ -50,14 +54,21 @@ def build_and_report(cfg: Any, out: Any = print) -> dict[str, Any]:
         per_token = flops / seq
         out(f"FLOPs per token: {per_token / 1e9:.3f} GFLOP forward, {3 * per_token / 1e9:.3f} GFLOP training "
             f"(at {seq} tokens of context)")
-    dtype_bytes = weights / max(total, 1)
+    training = training_memory(model, config.num_layers, config.hidden_size, config.num_attention_heads,
+                               config.vocab_size, batch, seq)
     out(f"memory: weights {human_bytes(weights)}; training with AdamW about "
-        f"{human_bytes(weights + total * (dtype_bytes + 8))} (weights, grads, fp32 moments) before activations")
+        f"{human_bytes(training.weights + training.gradients + training.optimizer)} (weights, gradients, AdamW "
+        f"moments) plus activations (about {human_bytes(training.activations)} at [{batch}, {seq}])")
 
-    device = str(opts.get("device", "auto"))
+    device = opts.device
     free = available_memory()
+    # Loading a checkpoint holds its tensors and the model's at once; the forward needs its activations.
+    need = weights * (2 if checkpoint else 1) + training.activations
     result: dict[str, Any] = {"parameters": total, "flops_per_token": flops and flops / seq, "device": "meta"}
-    if device == "meta" or weights > MEMORY_SHARE * free:
+    if getattr(model, "example_inputs", None) is None:
+        out(f"built on the meta device: {type(model).__name__} has no example_inputs(), so no forward pass was run")
+        return result
+    if device == "meta" or need > MEMORY_SHARE * free:
         if device != "meta":
             out(f"built on the meta device: the weights need {human_bytes(weights)} and "
                 f"{human_bytes(free)} is available; no forward pass was run")

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from megaspec.errors import SpecError
@@ -24,6 +25,9 @@ commands:
   list [KIND]         registered modules: name, kind, class, origin
   schema [-o FILE]    JSON Schema of the spec file format, for editors
   convert SRC OUT     HF save_pretrained directory -> megaspec checkpoint (--to hf: the reverse)
+
+build, train, validate and convert take --allow-imports PREFIX: an import path (module: pkg.mod.Class)
+that specs and checkpoints may then name; a spec or checkpoint can never allow one itself.
 """
 
 
@@ -62,6 +66,36 @@ def _swept_keys(overrides: Sequence[str]) -> set[str]:
     return {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
+ALLOW_IMPORTS = "--allow-imports"
+ALLOW_HELP = ("import-path prefix a spec or checkpoint may name as `module:` (repeatable); only for code you trust: "
+              "a spec or checkpoint can never allow imports itself")
+
+
+def _pop_allow_imports(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the --allow-imports prefixes, the other arguments) of a Hydra command line."""
+    allow, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == ALLOW_IMPORTS:
+            value = next(args, None)
+            if value is None or value.startswith("-"):
+                raise _UsageError(f"{ALLOW_IMPORTS} needs a prefix, e.g. {ALLOW_IMPORTS} my_package.layers")
+            allow.append(value)
+        elif arg.startswith(ALLOW_IMPORTS + "="):
+            allow.append(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+    return allow, rest
+
+
+class _UsageError(Exception):
+    """A command line that cannot be run: exit status 2."""
+
+
+class _TaskFailed(Exception):
+    """An unexpected error inside the task itself (a bug, not a bad override): re-raised as it was."""
+
+
 def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
                before: Sequence[str] = (), after: Sequence[str] = (), sweep: Sequence[str] = ()) -> int:
     """Run `task(cfg, hydra_config)` under hydra.main with conf/ + specs/ and the given overrides.
@@ -70,10 +104,13 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
     added to its overrides; a job that fails is reported and the others still run.
     """
     import hydra
+    from omegaconf import open_dict
 
     from megaspec.compose import record_sources, searchpath_override
+    from megaspec.hydra_errors import check_resolves, composition_error, is_grammar_error
     from megaspec.paths import conf_dir
 
+    allow, argv = _pop_allow_imports(argv)
     flags, overrides = _split_hydra_args(argv)
     multirun = bool({"-m", "--multirun"} & set(flags)) or "hydra.mode=MULTIRUN" in overrides
     swept = _swept_keys(overrides) if multirun else set()
@@ -91,23 +128,53 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
         if multirun and lead:
             print(f"== {job}: {hydra_cfg.runtime.output_dir}", flush=True)
         try:
+            check_resolves(cfg, overrides)
+            if allow:  # the caller's own allow-list: on the command line, as in the user's config
+                with open_dict(cfg):
+                    cfg.allow_imports = [*(cfg.get("allow_imports") or []), *allow]
             task(cfg, hydra_cfg)
         except SpecError as exc:  # one readable line, not a traceback
             print(f"error: {job + ': ' if multirun else ''}{exc}", file=sys.stderr, flush=True)
             failed.append(job)
-        except Exception:  # a bug: show it, and let the sweep's other jobs run
+        except Exception as exc:  # a bug: show it; in a sweep, let the other jobs run
             if not multirun:
-                raise
+                raise _TaskFailed() from exc
             import traceback
 
             traceback.print_exc()
             failed.append(job)
 
     sys.argv = [prog, *flags, searchpath_override(), *before, *(sweep if multirun else ()), *overrides, *after]
-    run()
+    # Hydra prints a composition error over several lines with a footer about HYDRA_FULL_ERROR;
+    # with the variable set it raises instead, and the error is reported here as one paragraph.
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        run()
+    except _TaskFailed as bug:
+        raise bug.__cause__ from None  # type: ignore[misc]
+    except Exception as exc:  # composing the config failed: the user's overrides are at fault
+        print(f"error: {composition_error(exc, overrides, _composition_fails)}", file=sys.stderr)
+        return 2 if is_grammar_error(exc, overrides) else 1
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
     if multirun and failed and lead:
         print(f"error: {len(failed)} job(s) failed: {'; '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _composition_fails(overrides: Sequence[str]) -> bool:
+    """Whether these overrides alone fail to compose (to find the one to blame)."""
+    from megaspec.compose import compose
+
+    try:
+        compose(overrides)
+    except SpecError:
+        return True
+    return False
 
 
 def _build(argv: list[str]) -> int:
@@ -230,8 +297,11 @@ def _schema(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     text = json.dumps(json_schema(), indent=2)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            raise SpecError(f"cannot write '{args.output}': {exc.strerror or exc}") from None
     else:
         print(text)
     return 0
@@ -247,12 +317,17 @@ def _convert(argv: list[str]) -> int:
                         help="what to write (default: megaspec)")
     parser.add_argument("--hf-class", help="with --to hf: the HF class to write where several compute the model "
                                            "(e.g. Phi3ForCausalLM rather than MistralForCausalLM)")
+    parser.add_argument(ALLOW_IMPORTS, action="append", default=[], metavar="PREFIX", help=ALLOW_HELP)
     args = parser.parse_args(argv)
     from megaspec.checkpoint import load, save
     from megaspec.interop.hf import from_hf, to_hf
 
     if args.to == "hf":
-        to_hf(load(args.source), args.output, hf_class=args.hf_class)
+        out = Path(args.output)
+        # save_pretrained replaces shard files it finds there: write only into a new or empty directory.
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise SpecError(f"'{out}' exists and is not an empty directory; convert --to hf writes a new one")
+        to_hf(load(args.source, allow_imports=args.allow_imports), args.output, hf_class=args.hf_class)
     else:
         save(from_hf(args.source), args.output)
     print(f"wrote {args.output}")
@@ -300,6 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args[1:])
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except _UsageError as exc:
+        print(f"megaspec {args[0]}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the user named cannot be read or written
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 

@@ -16,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
+from megaspec.hydra_errors import check_resolves, composition_error
 from megaspec.paths import conf_dir, resource_root
-from megaspec.source import SourceMap, load_yaml
+from megaspec.source import COMMAND_LINE, SourceMap, load_yaml
 from megaspec.spec import ModuleSpec, parse_spec
 
 SPEC_GROUP = "specs@model.spec"
@@ -39,23 +40,45 @@ def record_sources(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
         cfg.sources = sources
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose conf/ with Hydra overrides (the CLI's grammar) into a DictConfig."""
+def _hydra_compose(overrides: Sequence[str], config_name: str) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            cfg = hydra_compose(config_name, [searchpath_override(), *overrides], return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise SpecError(Problem(f"{exc}".strip(), "", "command line")) from None
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return hydra_compose(config_name, [searchpath_override(), *overrides], return_hydra_config=True)
+
+
+def _without_hydra(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """The composed config without Hydra's own node, and the group choices recorded there."""
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
+    return cfg, choices
+
+
+def _fails(overrides: Sequence[str], config_name: str = "config") -> bool:
+    try:
+        check_resolves(_without_hydra(_hydra_compose(overrides, config_name))[0])
+    except Exception:
+        return True
+    return False
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose conf/ with Hydra overrides (the CLI's grammar) into a DictConfig.
+
+    Any failure, composing or resolving `${...}` interpolations, is a SpecError at
+    `command line` naming the override as given.
+    """
+    overrides = [str(o) for o in overrides]
+    try:
+        cfg = _hydra_compose(overrides, config_name)
+    except Exception as exc:  # Hydra raises its own errors, OmegaConf's, and plain ValueErrors
+        raise composition_error(exc, overrides, lambda some: _fails(some, config_name)) from None
+    cfg, choices = _without_hydra(cfg)
+    check_resolves(cfg, overrides)
     record_sources(cfg, choices)
     return cfg
 
@@ -71,16 +94,25 @@ def _source_map(rel: str | None, composed: bool) -> SourceMap:
 def cfg_inputs(cfg: DictConfig | Mapping[str, Any]) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
     """(spec, configs, allow_imports) of a composed config, located in the files it was composed from."""
     if isinstance(cfg, DictConfig):
+        check_resolves(cfg)  # bounded, and a SpecError for an interpolation that does not resolve
         data = OmegaConf.to_container(cfg, resolve=True)
     else:
         data = dict(cfg)
     model = data.get("model", data)
+    sources = data.get("sources")
     if not isinstance(model, Mapping) or "spec" not in model or "config" not in model:
+        if sources is not None:  # composed: an override removed it
+            raise SpecError(Problem("the composed config has no model.spec and model.config (did an override "
+                                    "remove them?)", "", COMMAND_LINE))
         raise SpecError("config has no model.spec and model.config; compose it with megaspec.compose()")
-    sources = data.get("sources") or {}
+    sources = sources or {}
     spec = parse_spec(model["spec"], _source_map(sources.get("spec"), composed=True))
     configs = make_configs(model["config"], _source_map(sources.get("model"), composed=True), ("config",))
-    return spec, configs, tuple(data.get("allow_imports") or ())
+    allow = data.get("allow_imports") or ()
+    if not isinstance(allow, (list, tuple)) or not all(isinstance(a, str) and a for a in allow):
+        raise SpecError(Problem(f"allow_imports: expected a list of import-path prefixes, got {allow!r}", "",
+                                COMMAND_LINE if sources else None))
+    return spec, configs, tuple(allow)
 
 
 def models_using_spec(spec_file: Path) -> list[str]:

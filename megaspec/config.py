@@ -19,9 +19,14 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, TypeAda
 from pydantic_core import InitErrorDetails
 
 from megaspec.rope import RopeScaling
+from megaspec.strict import STRICT, conform
 
 # params_dtype names -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Layers in one model (or named part of one): ten times the deepest published transformer. Checked
+# with the other sizes, so that a typo of 10**9 is an error before any list of layers is made.
+MAX_LAYERS = 1024
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "squared_relu", "silu", "quick_gelu"]
 
@@ -37,8 +42,11 @@ class ModuleField:
 
     @cached_property
     def adapter(self) -> TypeAdapter:
-        """Validates a value of this field."""
-        return TypeAdapter(self.annotation)
+        """Validates a value of this field, strictly (see megaspec.strict)."""
+        try:
+            return TypeAdapter(self.annotation, config=STRICT)
+        except Exception:  # a pydantic model as the type carries its own config
+            return TypeAdapter(self.annotation)
 
 
 _MODULE_FIELDS: dict[str, ModuleField] = {}
@@ -59,17 +67,17 @@ def add_config_fields(owner: str, fields: Mapping[str, tuple[Any, Any]]) -> None
             raise ValueError(f"{owner} declares config field '{name}' as {annotation} = {default!r}, but "
                              f"{taken.owner} declares it as {taken.annotation} = {taken.default!r}")
         try:
-            field.adapter.validate_python(default)
+            field.adapter.validate_python(conform(annotation, default))
         except ValidationError as exc:
             raise ValueError(f"{owner}: the default of config field '{name}' is invalid: {exc}") from None
         if taken is None:
             _MODULE_FIELDS[name] = field
 
 
-def remove_config_fields(owner: str) -> None:
-    """Drop the fields module `owner` declared (when it is unregistered), so later configs no longer carry them."""
-    for name in [n for n, field in _MODULE_FIELDS.items() if field.owner == owner]:
-        del _MODULE_FIELDS[name]
+def remove_config_fields(names: set[str]) -> None:
+    """Forget module-declared fields (their module was unregistered), so configs no longer carry them."""
+    for name in names:
+        _MODULE_FIELDS.pop(name, None)
 
 
 def module_fields() -> dict[str, ModuleField]:
@@ -92,7 +100,7 @@ class TransformerConfig(BaseModel):
     """Immutable, validated model hyper-parameters (Megatron-Core names, plus fields modules declare)."""
 
     # Extra keys are allowed only as module-declared fields (checked in _module_fields).
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(frozen=True, extra="allow", **STRICT)
 
     # Sizes.
     num_layers: PositiveInt
@@ -170,7 +178,8 @@ class TransformerConfig(BaseModel):
         """Unknown keys are refused; module-declared fields get their defaults and their types checked."""
         if not isinstance(data, Mapping):
             return data
-        data = dict(data)
+        data = {name: conform(cls.model_fields[name].annotation, value) if name in cls.model_fields else value
+                for name, value in data.items()}
         errors: list[InitErrorDetails] = []
         for name in data:
             if name not in cls.model_fields and name not in _MODULE_FIELDS:
@@ -180,7 +189,7 @@ class TransformerConfig(BaseModel):
                 data[name] = field.default
                 continue
             try:
-                data[name] = field.adapter.validate_python(data[name])
+                data[name] = field.adapter.validate_python(conform(field.annotation, data[name]))
             except ValidationError as exc:
                 errors += [InitErrorDetails(type=e["type"], loc=(name, *e["loc"]), input=e["input"],
                                             ctx=e.get("ctx", {})) for e in exc.errors()]
@@ -233,6 +242,8 @@ class TransformerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> TransformerConfig:
+        if self.num_layers > MAX_LAYERS:
+            raise ValueError(f"num_layers ({self.num_layers:,}) must be at most {MAX_LAYERS}")
         heads, groups = self.num_attention_heads, self.num_query_groups
         if self.kv_channels is None and self.hidden_size % heads:
             raise ValueError(
@@ -260,8 +271,15 @@ class TransformerConfig(BaseModel):
                                      f"rotary dimension {self.rotary_dim} has {self.rotary_dim // 2} frequencies")
         if self.window_size is not None and min(self.window_size) < -1:
             raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {self.window_size}")
-        if self.layernorm_epsilon <= 0:
-            raise ValueError(f"layernorm_epsilon must be positive, got {self.layernorm_epsilon}")
+        for name in ("layernorm_epsilon", "rotary_base"):  # physically meaningless otherwise
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("init_method_std", "moe_router_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.moe_router_topk_scaling_factor is not None and self.moe_router_topk_scaling_factor <= 0:
+            raise ValueError(f"moe_router_topk_scaling_factor must be positive, got "
+                             f"{self.moe_router_topk_scaling_factor}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
         return self

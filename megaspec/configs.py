@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ from pydantic import ValidationError
 from megaspec.config import TransformerConfig, field_annotation, field_names
 from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.signature import type_name
-from megaspec.source import Key, SourceMap
+from megaspec.source import ABSENT, COMMAND_LINE, Key, SourceMap
 from megaspec.spec import ModuleSpec
 
 
@@ -27,14 +28,23 @@ def config_problems(exc: ValidationError, smap: SourceMap, key: Key, tree: str,
         elif err["type"] == "extra_forbidden":
             msg = f"unknown config field '{name}'{did_you_mean(name, list(fields))}"
         elif name in fields and len(err["loc"]) == 1 and err["type"] != "value_error":
-            msg = f"expected {type_name(field_annotation(name))}, got {err.get('input')!r}"
+            finite = " (finite)" if err["type"] == "finite_number" else ""
+            msg = f"expected {type_name(field_annotation(name))}{finite}, got {err.get('input')!r}"
         else:
             msg = str(err["msg"]).removeprefix("Value error, ")
         if name:
-            out.append(smap.problem((*key, name), where, msg, data.get(name, ...)))
+            out.append(smap.problem((*key, name), where, msg, data.get(name, ABSENT)))
         else:
-            out.append(smap.problem(key, where, msg))
+            out.append(_rule_problem(smap, key, where, msg, data))
     return out
+
+
+def _rule_problem(smap: SourceMap, key: Key, where: str, message: str, data: Mapping[str, Any]) -> Problem:
+    """A broken cross-field rule, blamed on the command line when it changed a field the message names."""
+    named = [f for f in field_names() if re.search(rf"\b{re.escape(f)}\b", message)]
+    if any(smap.locate((*key, f), data.get(f, ABSENT))[0] == COMMAND_LINE for f in named):
+        return Problem(message, where, COMMAND_LINE)
+    return smap.problem(key, where, message)
 
 
 def make_config(data: Mapping[str, Any] | TransformerConfig, smap: SourceMap | None = None,
@@ -42,6 +52,10 @@ def make_config(data: Mapping[str, Any] | TransformerConfig, smap: SourceMap | N
     """Validate TransformerConfig fields; SpecError lists every problem with its location."""
     if isinstance(data, TransformerConfig):
         return data
+    if not isinstance(data, Mapping):
+        kind = "a list" if isinstance(data, (list, tuple)) else f"{type(data).__name__} {data!r}"
+        raise SpecError((smap or SourceMap()).problem(key, tree, f"expected a mapping of config fields, got {kind}",
+                                                      data))
     try:
         return TransformerConfig.model_validate(dict(data))
     except ValidationError as exc:

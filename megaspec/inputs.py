@@ -49,24 +49,36 @@ def spec_file_inputs(path: Path, display: str | None = None, model: str | None =
     return spec, configs, ()
 
 
-def model_inputs(source: Any) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
-    """(spec, configs, allow_imports) from a composed config, a spec file path, a model name or a checkpoint."""
+def model_inputs(source: Any, allow_imports: tuple[str, ...] | list[str] = (),
+                 ) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
+    """(spec, configs, allow_imports) from a composed config, a spec file path, a model name or a checkpoint.
+
+    Import paths a spec may name come from the caller: `allow_imports`, plus a composed
+    config's own `allow_imports` (the user's Hydra config); never from a file or checkpoint.
+    """
+    allow = tuple(allow_imports)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():  # a megaspec checkpoint directory: the spec and config it was saved with
-            return checkpoint_inputs(path)
+            return checkpoint_inputs(path, allow)
         if path.suffix in (".yaml", ".yml"):
-            return spec_file_inputs(path)
+            spec, configs, _ = spec_file_inputs(path)
+            return spec, configs, allow
         if isinstance(source, str) and (conf_dir() / "model" / f"{source}.yaml").is_file():
-            return cfg_inputs(compose([f"model={source}"]))
-        raise SpecError(f"'{source}' is neither a spec file (.yaml) nor a model name in conf/model")
-    return cfg_inputs(source)
+            spec, configs, _ = cfg_inputs(compose([f"model={source}"]))
+            return spec, configs, allow
+        raise SpecError(f"'{source}' is neither a spec file (.yaml), a checkpoint directory nor a model name in "
+                        "conf/model")
+    spec, configs, own = cfg_inputs(source)
+    return spec, configs, tuple(dict.fromkeys((*own, *allow)))
 
 
-def build_model(source: Any, device: str | torch.device | None = None) -> nn.Module:
+def build_model(source: Any, device: str | torch.device | None = None,
+                allow_imports: tuple[str, ...] | list[str] = ()) -> nn.Module:
     """Build from a composed config, spec file, model name or checkpoint; `device="meta"` allocates nothing.
 
     A checkpoint directory gives its spec and config only; `megaspec.load` also reads its weights.
+    `allow_imports`: import-path prefixes a spec may name as `module:` (see `model_inputs`).
     """
-    spec, configs, allow = model_inputs(source)
+    spec, configs, allow = model_inputs(source, allow_imports)
     return build_module(spec, configs, device=device, allow_imports=allow)

@@ -157,9 +157,14 @@ def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T
 
 
 def unregister(name: str) -> None:
-    """Remove a name and the config fields it declared (tests and interactive use)."""
-    _ENTRIES.pop(name, None)
-    remove_config_fields(name)
+    """Remove a name (tests and interactive use), and the config fields only it declared."""
+    entry = _ENTRIES.pop(name, None)
+    if entry is not None:
+        remove_config_fields(_fields_of(entry) - {f for e in _ENTRIES.values() for f in _fields_of(e)})
+
+
+def _fields_of(entry: Entry) -> set[str]:
+    return set(getattr(entry.cls, "config_fields", None) or {})
 
 
 def load_plugins(force: bool = False) -> dict[str, str]:
@@ -201,8 +206,9 @@ def names(kind: str | None = None) -> list[str]:
 def _import_dotted(path: str, allow_imports: tuple[str, ...]) -> Entry:
     if not any(path == p or path.startswith(p.rstrip(".") + ".") for p in allow_imports):
         raise RegistryError(
-            f"'{path}' is an import path, and import paths are refused unless their prefix is "
-            "allow-listed (allow_imports in the config); register the class instead"
+            f"'{path}' is an import path, and import paths are refused unless you allow their prefix "
+            f"(allow_imports=['{path.rpartition('.')[0]}'] in Python, --allow-imports PREFIX on the command line, "
+            "or allow_imports in your config); or register the class"
         )
     module_name, _, attr = path.rpartition(".")
     try:

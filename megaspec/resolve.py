@@ -18,7 +18,7 @@ from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.registry import Entry, Slot, lookup, slots_of
 from megaspec.signature import check_params
 from megaspec.source import SourceMap
-from megaspec.spec import ModuleSpec, Pattern
+from megaspec.spec import MAX_LIST, ModuleSpec, Pattern
 
 
 @dataclass
@@ -115,32 +115,34 @@ class _Resolver:
              owner: tuple[str, str, Slot], smap: SourceMap) -> list[Resolved]:
         decl = owner[2]
         want = getattr(config, decl.count) if decl.count else None
-        out: list[Resolved] = []
+        # Sizes are checked before any list is made: a count of 10**9 is an error, not an allocation.
+        too_many = isinstance(want, int) and want > MAX_LIST
+        if too_many:
+            self.problems.append(smap.problem(
+                (), path, f"{decl.count} is {want:,}, but a list slot holds at most {MAX_LIST} modules"))
+            want = None
+        runs: list[tuple[Resolved | None, int]]  # (node, times in a row)
         if isinstance(value, ModuleSpec):
-            count = value.repeat or want or 1
-            r = self.node(value, config, f"{path}[*]", owner)
-            out = [r] * count if r is not None else []
-            got = count
+            runs = [(self.node(value, config, f"{path}[*]", owner), value.repeat or want or 1)]
+            got = runs[0][1]
         elif isinstance(value, Pattern):
-            names = self.pattern_names(value, config, path)
-            count = want or len(names)
             by_name = {n: self.node(s, config, f"{path}.nodes.{n}", owner) for n, s in value.nodes.items()}
-            out = [by_name.get(names[i % len(names)]) for i in range(count)] if names else []
-            out = [r for r in out if r is not None]
-            got = count
+            names = [] if too_many else self.pattern_names(value, config, path)
+            got = want or len(names)
+            runs = [(by_name.get(names[i % len(names)]), 1) for i in range(got)] if names else []
         else:
-            got = 0
-            for i, node in enumerate(value):
-                r = self.node(node, config, f"{path}[{i}]", owner)
-                got += node.repeat or 1
-                if r is not None:
-                    out += [r] * (node.repeat or 1)
+            runs = [(self.node(node, config, f"{path}[{i}]", owner), node.repeat or 1) for i, node in enumerate(value)]
+            got = sum(n for _, n in runs)
         if want is not None and got != want:
             self.problems.append(smap.problem(
                 (), path, f"{got} modules given but {decl.count} is {want} "
                 f"(write one node to repeat it, or set {decl.count})"))
-        return out
-
+        elif got > MAX_LIST:
+            self.problems.append(smap.problem((), path, f"{got:,} modules in one list slot; at most {MAX_LIST} "
+                                                        "are allowed"))
+        if too_many or got > MAX_LIST or (want is not None and got != want):
+            return []
+        return [r for r, n in runs if r is not None for _ in range(n)]
 
     def pattern_names(self, value: Pattern, config: TransformerConfig, path: str) -> list[str]:
         """The per-layer node names: written out, or read from a config field."""

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, PositiveFloat, PositiveInt, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, PositiveFloat, PositiveInt, Tag, model_validator
+
+from megaspec.strict import STRICT
 
 
 class _Scaling(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", **STRICT)
 
 
 class Llama3RopeScaling(_Scaling):
@@ -23,6 +25,13 @@ class Llama3RopeScaling(_Scaling):
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: PositiveInt = 8192
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Llama3RopeScaling:
+        if self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                             f"{self.low_freq_factor}, {self.high_freq_factor}")
+        return self
 
 
 class LinearRopeScaling(_Scaling):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from megaspec.errors import did_you_mean
 from megaspec.registry import accepts_extra_params, params_signature
+from megaspec.strict import STRICT, conform
 
 
 def type_name(hint: Any) -> str:
@@ -55,7 +56,7 @@ def params_model(cls: type, provided: tuple[str, ...] = ()) -> type[BaseModel]:
         # Aliased field names: a param called `copy` or `schema` must not shadow BaseModel.
         fields[f"p_{name}"] = (hint, Field(default, alias=name))
     extra = "allow" if accepts_extra_params(cls) else "forbid"
-    config = ConfigDict(extra=extra, arbitrary_types_allowed=True, populate_by_name=False)
+    config = ConfigDict(extra=extra, arbitrary_types_allowed=True, populate_by_name=False, **STRICT)
     return create_model(f"{cls.__name__}Params", __config__=config, **fields)
 
 
@@ -68,13 +69,13 @@ def check_params(
     for name in provided:
         if name in params:
             problems.append((name, f"'{name}' is supplied by the parent {owner}, not the spec".rstrip(), params[name]))
-    params = {k: v for k, v in params.items() if k not in provided}
+    hints = _hints(cls)
+    params = {k: conform(hints.get(k, Any), v) for k, v in params.items() if k not in provided}
     model = params_model(cls, provided)
     try:
         validated = model.model_validate(params)
     except ValidationError as exc:
         accepted = [n for n in params_signature(cls) if n not in provided]
-        hints = _hints(cls)
         for err in exc.errors():
             name = str(err["loc"][0]) if err["loc"] else ""
             problems.append((name, _message(err, name, hints, accepted), err.get("input")))
@@ -92,5 +93,6 @@ def _message(err: Any, name: str, hints: dict[str, Any], accepted: list[str]) ->
         listed = ", ".join(accepted) if accepted else "no params"
         return f"unknown param '{name}'{did_you_mean(name, accepted)}; accepted: {listed}"
     if name in hints and kind not in ("value_error", "assertion_error") and len(err["loc"]) == 1:
-        return f"expected {type_name(hints[name])}, got {err.get('input')!r}"
+        finite = " (finite)" if kind == "finite_number" else ""
+        return f"expected {type_name(hints[name])}{finite}, got {err.get('input')!r}"
     return str(err["msg"]).removeprefix("Value error, ")

@@ -16,9 +16,12 @@ from types import MappingProxyType
 from typing import Any, Union
 
 from megaspec.errors import Problem, SpecError, did_you_mean
-from megaspec.source import Key, SourceMap, load_yaml
+from megaspec.source import Key, SourceMap, load_mapping
 
 NODE_KEYS = ("module", "params", "submodules", "config", "repeat")
+# Modules in one list slot, `repeat` included: ten times the deepest published transformer,
+# and a bound checked before any list is made, so a typo of 10**9 cannot exhaust memory.
+MAX_LIST = 1024
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -139,14 +142,14 @@ class _Parser:
         self.smap = smap
         self.problems: list[Problem] = []
 
-    def fail(self, key: Key, tree: str, message: str) -> None:
-        self.problems.append(self.smap.problem(key, tree, message))
+    def fail(self, key: Key, tree: str, message: str, value: Any = ...) -> None:
+        self.problems.append(self.smap.problem(key, tree, message, value))
 
     def node(self, data: Any, key: Key, tree: str, in_list: bool = False) -> ModuleSpec | None:
         if isinstance(data, str):
             return ModuleSpec(module=data, smap=self.smap.child(key))
         if not isinstance(data, Mapping):
-            self.fail(key, tree, f"expected a module name or a mapping with 'module', got {_kind(data)}")
+            self.fail(key, tree, f"expected a module name or a mapping with 'module', got {_kind(data)}", data)
             return None
         for extra in [k for k in data if k not in NODE_KEYS]:
             self.fail((*key, extra), tree, f"unknown node field '{extra}'{did_you_mean(str(extra), NODE_KEYS)}; "
@@ -155,7 +158,7 @@ class _Parser:
         if not isinstance(module, str) or not module:
             self.fail((*key, "module") if "module" in data else key, tree,
                       f"'module' must be a registered name, got {_kind(module)}" if "module" in data
-                      else "node has no 'module'")
+                      else "node has no 'module'", module if "module" in data else ...)
             return None
         params = self.mapping(data.get("params"), (*key, "params"), f"{tree}.params" if tree else "params")
         config: Any = data.get("config")
@@ -165,8 +168,9 @@ class _Parser:
         if repeat is not None:
             if not in_list:
                 self.fail((*key, "repeat"), tree, "'repeat' is only allowed on a node in a list slot")
-            elif isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-                self.fail((*key, "repeat"), tree, f"'repeat' must be a positive int, got {repeat!r}")
+            elif isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_LIST:
+                self.fail((*key, "repeat"), tree, f"'repeat' must be an int from 1 to {MAX_LIST}, got {repeat!r}",
+                          repeat)
                 repeat = None
         subs_data = data.get("submodules")
         subs: dict[str, SlotValue] = {}
@@ -248,7 +252,7 @@ def parse_spec(data: Any, smap: SourceMap | None = None) -> ModuleSpec:
 
 def load_spec(path: str | Path, display: str | None = None) -> ModuleSpec:
     """Load a spec YAML file into an immutable ModuleSpec with file:line info."""
-    data, smap = load_yaml(path, display)
+    data, smap = load_mapping(path, "a spec (a node: module, params, submodules)", display)
     return parse_spec(data, smap)
 
 

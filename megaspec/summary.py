@@ -108,47 +108,15 @@ def forward_flops(model: nn.Module, seq: int) -> int | None:
     """FLOPs of one forward pass over `seq` tokens, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    make = getattr(model, "example_inputs", None)
-    if make is None:
-        return None
-    inputs = make(batch=1, seq=seq, device="meta")
-    meta_model = model if _is_meta(model) else None
-    if meta_model is None:
+    from megaspec.build import meta_forward
+
+    if getattr(model, "example_inputs", None) is None or not _is_meta(model):
         return None
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        meta_model(**inputs)
+    with counter:
+        meta_forward(model, 1, seq)  # a SpecError naming the module, if the slots' shapes do not fit
     return int(counter.get_total_flops())
 
 
 def _is_meta(model: nn.Module) -> bool:
     return next(model.parameters()).is_meta
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def available_memory() -> int:
-    """Bytes of memory available to this process now (MemAvailable on Linux)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of all unique parameters and buffers."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)

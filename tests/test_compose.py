@@ -62,7 +62,7 @@ def test_errors_from_overrides_and_files_are_located():
         "command line: decoder.layers[*].mlp: unknown module 'mlpp' (did you mean 'mlp'?)")
     with pytest.raises(SpecError) as info:
         build_model(compose([*TINY, "+model.config.num_query_groups=3"]), device="meta")
-    assert str(info.value) == ("conf/model/gpt2.yaml:6: config: num_attention_heads (4) must be "
+    assert str(info.value) == ("command line: config: num_attention_heads (4) must be "
                                "divisible by num_query_groups (3)")
     with pytest.raises(SpecError) as info:
         build_model(compose([*TINY, "model.config.hidden_size=big"]), device="meta")

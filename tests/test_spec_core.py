@@ -156,7 +156,7 @@ def test_format_errors_are_all_reported(write_yaml):
     assert [str(p) for p in info.value.problems] == [
         f"{path}:2: unknown node field 'parms' (did you mean 'params'?); a node has module, params, submodules, config, repeat",
         f"{path}:5: layers[0]: expected a module name or a mapping with 'module', got int 42",
-        f"{path}:6: layers[1]: 'repeat' must be a positive int, got 0",
+        f"{path}:6: layers[1]: 'repeat' must be an int from 1 to 1024, got 0",
     ]
 
 

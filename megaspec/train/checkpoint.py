@@ -4,11 +4,13 @@ Each process writes its own shards of the model and optimizer state under
 `<dir>/step_<N>/`; the keys are the model's fully-qualified parameter names,
 so a checkpoint saved at one world size (or parallel layout) loads at another.
 Expert-parallel weights are saved as the global [E, ...] tensors, sharded by expert.
+Checkpoints are read through megaspec.train.safe_dcp: nothing in one is unpickled but DCP's own index.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -18,12 +20,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megaspec.errors import SpecError
+from megaspec.source import read_limited
 from megaspec.parallel.expert import globalize_experts, localize_experts, unsupported_expert_checkpoint
 from megaspec.parallel.parallelize import parallel_state
+from megaspec.train.safe_dcp import SafePlanner, SafeReader
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -116,19 +121,34 @@ def load(state: TrainState, path: str | Path, model_config: dict[str, Any] | Non
     found = resolve_checkpoint(path)
     meta_file = found / "megaspec_train.json"
     if model_config is not None and meta_file.is_file():
-        saved = json.loads(meta_file.read_text(encoding="utf-8")).get("model_config")
+        try:
+            saved = json.loads(read_limited(meta_file, str(meta_file), 2**20)).get("model_config")
+        except (ValueError, AttributeError) as exc:
+            raise SpecError(f"trainer.resume: {meta_file} is not a megaspec training record: {exc}") from None
         changes = _config_changes(saved, model_config) if saved is not None else []
         if changes:
             raise SpecError(f"trainer.resume: {found} holds a different model; model.config differs in "
                             + "; ".join(changes))
+    try:  # the index first, so that a bad one is one message rather than DCP's logged tracebacks
+        SafeReader(found).read_metadata()
+    except SpecError as exc:
+        raise SpecError(f"trainer.resume: {exc}") from None
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is .*")
-            dcp.load({"train": state}, checkpoint_id=str(found))
-    except (RuntimeError, ValueError, KeyError) as exc:  # DCP's CheckpointException is a RuntimeError
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise SpecError(f"trainer.resume: cannot load {found} into this model: {first}") from exc
+            dcp.load({"train": state}, storage_reader=SafeReader(found), planner=SafePlanner())
+    except SpecError:
+        raise
+    except (CheckpointException, RuntimeError, ValueError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
+        raise SpecError(f"trainer.resume: cannot load {found} into this model: {_reason(exc)}") from None
     return found
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what failed; for DCP's CheckpointException (a BaseException), of the first rank's error."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def export(path: Path, spec: Any, configs: Any, allow: tuple[str, ...], target: Path) -> Path:
@@ -145,6 +165,7 @@ def export(path: Path, spec: Any, configs: Any, allow: tuple[str, ...], target: 
     weights = model.state_dict()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is .*")
-        dcp.load({"train": {"model": weights}}, checkpoint_id=str(path), no_dist=True)
+        dcp.load({"train": {"model": weights}}, storage_reader=SafeReader(path), planner=SafePlanner(),
+                 no_dist=True)
     model.load_state_dict(weights)
     return save_model(model, target)

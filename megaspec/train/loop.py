@@ -28,6 +28,8 @@ from megaspec.build import build_module
 from megaspec.configs import root_config
 from megaspec.errors import SpecError
 from megaspec.inputs import model_inputs
+from megaspec.memory import WAYS_OUT, check_device, check_fits, training_memory
+from megaspec.options import TrainerOptions, validated
 from megaspec.record import build_record
 from megaspec.summary import count_parameters, forward_flops
 from megaspec.train.balance import ExpertBiasUpdater
@@ -62,6 +64,7 @@ def init_distributed(device_opt: str) -> Dist:
     use_cuda = device_opt == "cuda" or (device_opt == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
+        check_device(device)
         torch.cuda.set_device(device)
     owns = False
     if world > 1 and not dist.is_initialized():
@@ -144,9 +147,22 @@ def _agree_on_dir(run_dir: Path, env: Dist) -> Path:
 def _options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("trainer") is None:
         raise SpecError("the config has no 'trainer' group; compose it with the defaults of conf/config.yaml")
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = validated(TrainerOptions, OmegaConf.to_container(cfg.trainer, resolve=True), "trainer").model_dump()
     data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else {"name": "text"}
     return trainer, data
+
+
+def _check_memory(model: nn.Module, config: Any, opts: dict[str, Any], env: Dist) -> None:
+    """Refuse a run whose weights, gradients, AdamW state and activations cannot fit, before allocating them."""
+    micro = int(opts.get("micro_batch_size") or max(int(opts["global_batch_size"]) // env.world_size, 1))
+    estimate = training_memory(model, config.num_layers, config.hidden_size, config.num_attention_heads,
+                               config.vocab_size, micro, int(opts["seq_len"]))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if env.device.type == "cpu" else 1
+    # The processes on one host share its memory; each GPU has its own.
+    need = estimate.per_process(env.world_size) * local
+    check_fits(need, env.device, f"training this model ({estimate.describe(env.world_size)}; "
+                                 f"{local} process(es) on this {env.device.type})",
+               f"a smaller trainer.micro_batch_size or trainer.seq_len, or {WAYS_OUT}")
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
@@ -241,6 +257,7 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
     model = build_module(spec, configs, device="meta", allow_imports=allow)
     check_causal_lm(model)
     n_params = count_parameters(model)
+    _check_memory(model, config, opts, env)
     fwd = forward_flops(model, seq_len)
     train_flops_per_token = 3 * fwd / seq_len if fwd else 6 * n_params  # backward costs twice the forward
     model, parallel = _parallelize(model, cfg, env, seed)

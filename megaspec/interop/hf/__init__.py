@@ -37,7 +37,9 @@ from megaspec.interop.hf.qwen import Qwen2, Qwen3
 from megaspec.interop.hf.qwen2_moe import Qwen2Moe
 from megaspec.interop.hf.t5 import T5
 from megaspec.interop.hf.vit import ViT
+from megaspec.memory import check_fits, parameter_bytes
 from megaspec.record import described
+from megaspec.source import read_limited
 from megaspec.spec import ModuleSpec, parse_spec
 
 # Tried in this order by to_hf: the first whose HF config reproduces the model's spec and config wins.
@@ -103,16 +105,58 @@ def spec_from_hf(hf_config: Any, dtype: torch.dtype = torch.float32,
 
 
 def _load_hf(model_or_path: Any) -> Any:
-    """An HF model object, loading a save_pretrained directory with its family's class."""
+    """An HF model object, loading a save_pretrained directory with its family's class.
+
+    A directory is untrusted data: its config is parsed without remote code, its
+    weights are read only from safetensors files (a directory holding only pickles
+    is refused; nothing is unpickled), the model's memory is estimated before it is
+    allocated, and a weight the files lack is an error rather than a random init.
+    """
     if not isinstance(model_or_path, (str, os.PathLike)):
         return model_or_path
     transformers = _transformers()
     path = Path(model_or_path)
     if not (path / "config.json").is_file():
         raise SpecError(f"'{path}' is not an HF model directory (no config.json)")
-    hf_config = transformers.AutoConfig.from_pretrained(path)
+    read_limited(path / "config.json", str(path / "config.json"))  # a regular file of sane size
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # malformed JSON, an unknown model_type, a request for remote code
+        raise SpecError(Problem(f"cannot read the HF config: {type(exc).__name__}: {_one_line(exc)}", "",
+                                str(path / "config.json"))) from None
     family = family_for(hf_config)
-    return getattr(transformers, family.hf_class).from_pretrained(path, config=hf_config)
+    if not list(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        found = f" (it holds {', '.join(pickles)}, which are pickles)" if pickles else ""
+        raise SpecError(Problem(f"no .safetensors weights{found}; megaspec never unpickles a file, since a pickle "
+                                "can run code: convert the weights to safetensors with a tool you trust", "",
+                                str(path)))
+    try:
+        spec, configs = spec_from_hf(hf_config, hf_class=family.hf_class)
+    except SpecError:
+        raise
+    except Exception as exc:  # a config.json value of the wrong type reaches the family's arithmetic
+        raise SpecError(Problem(f"the HF config does not describe a model megaspec can build: "
+                                f"{type(exc).__name__}: {_one_line(exc)}", "", str(path / "config.json"))) from None
+    # The HF model, its tensors translated, and the megaspec model: three copies at the peak.
+    check_fits(3 * parameter_bytes(build_module(spec, configs, device="meta")), "cpu",
+               f"converting '{path}' (the HF model, the translated tensors and the megaspec model)")
+    try:
+        hf, info = getattr(transformers, family.hf_class).from_pretrained(
+            path, config=hf_config, use_safetensors=True, local_files_only=True, output_loading_info=True)
+    except Exception as exc:  # damaged or hostile safetensors files, shapes that do not fit the config
+        raise SpecError(Problem(f"cannot load the HF weights: {type(exc).__name__}: {_one_line(exc)}", "",
+                                str(path))) from None
+    missing = [*info.get("missing_keys", ()), *(str(m[0]) for m in info.get("mismatched_keys", ()))]
+    if missing:
+        raise SpecError(Problem(f"the weights lack or mis-shape {len(missing)} tensor(s) the model needs "
+                                f"(HF would initialise them at random): {', '.join(sorted(map(str, missing))[:10])}",
+                                "", str(path)))
+    return hf
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _float_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
