@@ -44,6 +44,7 @@ from megaspec.memory import check_fits, check_weights_fit, parameter_bytes
 from megaspec.record import described
 from megaspec.resolve import Resolved, resolve
 from megaspec.spec import ModuleSpec, parse_spec, walk
+
 # safetensors' dtype codes -> torch's names.
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}

@@ -104,7 +104,7 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
     added to its overrides; a job that fails is reported and the others still run.
     """
     import hydra
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     from megaspec.compose import record_sources, searchpath_override
     from megaspec.hydra_errors import check_resolves, composition_error, is_grammar_error
@@ -123,10 +123,13 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
 
         hydra_cfg = HydraConfig.get()
         record_sources(cfg, hydra_cfg.runtime.choices)
-        varied = [o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=", 1)[0] in swept]
-        job = f"job {hydra_cfg.job.num} ({' '.join(varied)})" if multirun else ""
-        if multirun and lead:
-            print(f"== {job}: {hydra_cfg.runtime.output_dir}", flush=True)
+        job = ""
+        if multirun:  # the overrides as typed: an interpolation in one is resolved (and checked) below
+            typed = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+            varied = [o for o in typed if o.lstrip("+~").split("=", 1)[0] in swept]
+            job = f"job {hydra_cfg.job.num} ({' '.join(varied)})"
+            if lead:
+                print(f"== {job}: {hydra_cfg.runtime.output_dir}", flush=True)
         try:
             check_resolves(cfg, overrides)
             if allow:  # the caller's own allow-list: on the command line, as in the user's config

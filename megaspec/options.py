@@ -49,6 +49,9 @@ class TrainerOptions(BaseModel):
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     peak_flops: float | None = Field(None, gt=0)
+    compile: bool = False
+    eval_every: NonNegativeInt = 50
+    eval_batches: PositiveInt | None = 4
     log_every: NonNegativeInt = 1
     progress: bool = True
     save_every: NonNegativeInt = 0

@@ -26,8 +26,9 @@ from megaspec.compose import cfg_inputs, compose
 from megaspec.registry import names
 
 REPO = Path(__file__).resolve().parent.parent
-SPECS = {name: (REPO / "specs" / f"{name}.yaml").read_bytes() for name in TINY}
-CONFIGS = {name: cfg_inputs(compose(TINY[name]))[1] for name in TINY}
+COMPOSED = {name: compose(TINY[name]) for name in TINY}
+SPECS = {name: (REPO / cfg.sources.spec).read_bytes() for name, cfg in COMPOSED.items()}  # the spec each model uses
+CONFIGS = {name: cfg_inputs(cfg)[1] for name, cfg in COMPOSED.items()}
 
 
 def fuzz(examples: int):

@@ -85,11 +85,14 @@ def test_usage_errors_exit_2(argv, capsys) -> None:
     assert "Traceback" not in capsys.readouterr().err
 
 
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+
+
 # ---------------------------------------------------------------- Hydra commands, in a subprocess
 
 @pytest.mark.parametrize("args, status, message", [
     (["build", "model=nope"], 1, "error: command line: model=nope: In 'config': Could not find 'model/nope'. "
-                                 "Available options in 'model': bert, gpt2, llama, llava, mixtral, t5, t5_v1_1"),
+                                 "Available options in 'model': " + ", ".join(MODELS)),
     (["build", "model.config.x=["], 2, "error: command line: model.config.x=[: no viable alternative at input '['"),
     (["build", "model.config.num_layers=${nope}"], 1,
      "error: command line: model.config.num_layers=${nope}: Interpolation key 'nope' not found "

@@ -69,7 +69,7 @@ def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path):
     done = megaspec("train", "-m", *TINY, "trainer.max_steps=2", "model.config.hidden_size=66,64",
                     "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert done.returncode == 1
-    assert ("error: job 0 (model.config.hidden_size=66): conf/model/gpt2.yaml:6: config: hidden_size (66) must be "
+    assert ("error: job 0 (model.config.hidden_size=66): command line: config: hidden_size (66) must be "
             "divisible by num_attention_heads (4), or set kv_channels") in done.stderr
     assert "error: 1 job(s) failed: job 0 (model.config.hidden_size=66)" in done.stderr
     runs, keys = compare([str(tmp_path / "sweep")])

@@ -25,9 +25,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megaspec.errors import SpecError
-from megaspec.source import read_limited
 from megaspec.parallel.expert import globalize_experts, localize_experts, unsupported_expert_checkpoint
 from megaspec.parallel.parallelize import parallel_state
+from megaspec.source import read_limited
 from megaspec.train.safe_dcp import SafePlanner, SafeReader
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
