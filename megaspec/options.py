@@ -17,6 +17,8 @@ from megaspec.signature import type_name
 from megaspec.strict import STRICT, conform
 
 Options = TypeVar("Options", bound=BaseModel)
+# pydantic's bound errors, as the comparison they failed.
+BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
 class BuildOptions(BaseModel):
@@ -76,6 +78,9 @@ def validated(cls: type[Options], data: Mapping[str, Any] | None, group: str) ->
                 message = f"unknown option; {group} has {', '.join(cls.model_fields)}"
             elif field is not None and len(err["loc"]) == 1 and "type" in err["type"]:
                 message = f"expected {type_name(field.annotation)}, got {err.get('input')!r}"
+            elif err["type"] in BOUNDS:
+                bound = next(iter((err.get("ctx") or {}).values()), "?")
+                message = f"must be {BOUNDS[err['type']]} {bound}, got {err.get('input')!r}"
             else:
                 message = f"{str(err['msg']).removeprefix('Value error, ')}, got {err.get('input')!r}"
             problems.append(Problem(message, f"{group}.{name}" if name else group))

@@ -127,13 +127,14 @@ def test_a_checkpoint_cannot_allow_list_imports_for_itself(tmp_path):
     (tmp_path / "sneaky.py").write_text("import pathlib\npathlib.Path(__file__).with_name('imported').touch()\n"
                                         "class Attention:\n    pass\n")
     manifest = tmp_path / "ckpt" / "megaspec.yaml"
-    text = manifest.read_text().replace("allow_imports: []", "allow_imports: [sneaky]")
+    text = manifest.read_text() + "allow_imports: [sneaky]\n"  # a checkpoint allow-listing its own import
     manifest.write_text(text.replace("module: sdpa", "module: sneaky.Attention"))
     line = next(i for i, t in enumerate(manifest.read_text().splitlines(), 1) if "sneaky.Attention" in t)
     done = subprocess.run([sys.executable, "-m", "megaspec", "diff", str(tmp_path / "ckpt"), "gpt2"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: {manifest}:{line}: decoder.layers[*].self_attention.core_attention: "
-                                   "'sneaky.Attention' is an import path, and import paths are refused unless their "
-                                   "prefix is allow-listed (allow_imports in the config); register the class instead")
+                                   "'sneaky.Attention' is an import path, and import paths are refused unless you "
+                                   "allow their prefix (allow_imports=['sneaky'] in Python, --allow-imports PREFIX on "
+                                   "the command line, or allow_imports in your config); or register the class")
     assert not (tmp_path / "imported").exists()

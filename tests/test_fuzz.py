@@ -121,7 +121,7 @@ def locations(data: Any, path: tuple = ()) -> list[tuple]:
 @st.composite
 def mutated_tree(draw) -> tuple[str, Any]:
     name = draw(st.sampled_from(sorted(SPECS)))
-    tree = load_spec(REPO / "specs" / f"{name}.yaml").to_dict()
+    tree = load_spec(REPO / COMPOSED[name].sources.spec).to_dict()
     for _ in range(draw(st.integers(1, 3))):
         where = draw(st.sampled_from(locations(tree)))
         if not where:

@@ -78,8 +78,7 @@ def test_evaluation_needs_held_out_data_and_sane_settings(tmp_path):
     cases = [
         ([cache, "data.val_fraction=0"], "trainer.eval_every=2 needs held-out data: set data.val_fraction (> 0) or "
                                   "data.val_path=FILE, or trainer.eval_every=0"),
-        ([cache, "trainer.eval_batches=0"], "trainer.eval_batches must be a positive number of batches, or null for "
-                                     "every held-out window; got 0"),
+        ([cache, "trainer.eval_batches=0"], "trainer.eval_batches: must be > 0, got 0"),
         (["data=synthetic", "trainer.eval_batches=null"], "trainer.eval_batches=null evaluates every held-out "
                                                            "window, and synthetic data has no end; set "
                                                            "trainer.eval_batches"),

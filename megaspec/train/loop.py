@@ -248,9 +248,6 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
         raise SpecError(f"trainer.seq_len ({seq_len}) exceeds model.config.max_position_embeddings "
                         f"({config.max_position_embeddings})")
     eval_every, eval_batches = int(opts.get("eval_every") or 0), opts.get("eval_batches")
-    if eval_batches is not None and int(eval_batches) < 1:
-        raise SpecError(f"trainer.eval_batches must be a positive number of batches, or null for every "
-                        f"held-out window; got {eval_batches}")
 
     # Meta build first: FLOPs are counted on it for free, then the plans are applied and
     # only this process's shards are materialised.
