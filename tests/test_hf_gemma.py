@@ -68,15 +68,17 @@ def test_gemma3_local_and_global_layers_rotate_with_their_own_bases() -> None:
     assert lm_diffs(from_hf(tiny("gemma3", rope_parameters=same_base)), hf)["logits"] > 1e-3
 
 
-def test_gemma3_scaled_global_rope_waits_for_its_rope_type() -> None:
+def test_gemma3_scales_the_global_layers_rope_only() -> None:
+    """Gemma-3 4B and up: linear scaling on the global table, none on the local one (both checked by parity)."""
     scaled = {"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
-    try:
-        ours = from_hf(tiny("gemma3", rope_parameters=scaled))
-    except SpecError as exc:  # until megaspec's RoPE knows the linear type, it is refused by name
-        assert "rope_type 'linear'" in str(exc)
-    else:
-        assert_lm_parity(ours, tiny("gemma3", rope_parameters=scaled))
+    hf = tiny("gemma3", rope_parameters=scaled)
+    ours = from_hf(hf)
+    assert megaspec.build_record(ours).config.rope_scaling.factor == 8.0
+    assert_lm_parity(ours, hf)
+    unscaled = {**scaled, "full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+    assert lm_diffs(from_hf(tiny("gemma3", rope_parameters=unscaled)), hf)["logits"] > 1e-3  # the factor matters
+    assert to_hf(ours).config.rope_parameters["full_attention"]["factor"] == 8.0
 
 
 @pytest.mark.parametrize("family", list(CLASSES))

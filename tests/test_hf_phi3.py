@@ -50,16 +50,22 @@ def test_to_hf_reproduces_megaspec_outputs() -> None:
     assert_lm_parity(ours, to_hf(ours, hf_class="Phi3ForCausalLM"), atol=1e-5)
 
 
-def test_long_rope_is_refused_by_name_and_unknown_classes_too() -> None:
-    long_rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-                 "original_max_position_embeddings": 32}
-    hf = tiny(rope_parameters=long_rope)
-    try:
-        ours = from_hf(hf)
-    except SpecError as exc:  # until megaspec's RoPE knows LongRoPE
-        assert "rope_type 'longrope'" in str(exc)
-    else:
-        assert_lm_parity(ours, hf)
+def test_long_rope_converts_both_ways() -> None:
+    """Phi-3 long-context configs: LongRoPE's per-frequency factors, past the original context too."""
+    long_rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 2.5, 3.0],
+                 "long_factor": [2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], "original_max_position_embeddings": 8}
+    hf = tiny(rope_parameters=long_rope, original_max_position_embeddings=8)
+    ours = from_hf(hf)
+    assert megaspec.build_record(ours).config.rope_scaling.original_max_position_embeddings == 8
+    assert_lm_parity(ours, hf)  # its sequences run past the original 8 positions: the long factors apply
+    short_only = {**long_rope, "long_factor": long_rope["short_factor"]}
+    assert lm_diffs(from_hf(tiny(rope_parameters=short_only, original_max_position_embeddings=8)), hf)["logits"] > 1e-3
+    back = to_hf(ours, hf_class="Phi3ForCausalLM")
+    assert back.config.rope_parameters["long_factor"] == long_rope["long_factor"]
+    assert_lm_parity(ours, back)
+
+
+def test_unknown_hf_classes_are_refused() -> None:
     ours = from_hf(tiny())
     with pytest.raises(SpecError, match="megaspec does not convert to HF class 'Phi4ForCausalLM'"):
         to_hf(ours, hf_class="Phi4ForCausalLM")

@@ -42,10 +42,12 @@ class Phi3(Llama):
         import transformers
 
         cfg = configs[""]
-        unsupported(self.architecture, add_bias_linear=(cfg.add_bias_linear, False),
-                    rope_scaling=(cfg.rope_scaling, None))
+        unsupported(self.architecture, add_bias_linear=(cfg.add_bias_linear, False))
         kwargs = self.hf_kwargs(cfg)
         kwargs["rope_parameters"] = {**hf_rope(cfg), "partial_rotary_factor": cfg.rotary_percent}
+        original = getattr(cfg.rope_scaling, "original_max_position_embeddings", None)
+        if original is not None:  # Phi3Config also keeps LongRoPE's original context at its top level
+            kwargs["original_max_position_embeddings"] = original
         kwargs.update(token_ids(cfg.vocab_size, bos_token_id=1, eos_token_id=32000, pad_token_id=32000))
         return transformers.Phi3Config(**kwargs, sliding_window=hf_sliding_window(cfg.window_size),
                                        resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout)
