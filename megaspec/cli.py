@@ -25,19 +25,36 @@ commands:
 
 def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
                before: Sequence[str] = (), after: Sequence[str] = ()) -> int:
-    """Run `task(cfg, hydra_config)` under hydra.main with conf/ + specs/ and the given overrides."""
+    """Run `task(cfg, hydra_config)` under hydra.main with conf/ + specs/ and the given overrides.
+
+    `--plugins a,b` (and `plugins:` in the caller's own config) name plug-in modules to import first.
+    """
     import hydra
 
     from megaspec.compose import record_sources, searchpath_override
+    from megaspec.hydra_config import (
+        config_plugins,
+        import_plugins,
+        node_overrides,
+        plugins_in_overrides,
+        plugins_option,
+        store_config_defaults,
+    )
     from megaspec.paths import conf_dir
+
+    argv, plugins = plugins_option(argv)
+    argv = node_overrides(argv)
+    import_plugins([*plugins, *plugins_in_overrides(argv), *config_plugins(argv, searchpath_override())])
+    store_config_defaults()
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
     def run(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
         from hydra.core.hydra_config import HydraConfig
 
         hydra_cfg = HydraConfig.get()
-        record_sources(cfg, hydra_cfg.runtime.choices)
         try:
+            import_plugins(cfg.get("plugins") or ())
+            record_sources(cfg, hydra_cfg.runtime.choices, hydra_cfg.overrides.task)
             task(cfg, hydra_cfg)
         except SpecError as exc:  # one readable line, not a traceback
             print(f"error: {exc}", file=sys.stderr)

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from megaspec.build import build_module
 from megaspec.checkpoint import checkpoint_inputs
-from megaspec.compose import cfg_inputs, compose, models_using_spec
+from megaspec.compose import cfg_inputs, compose, given_config, models_using_spec
 from megaspec.configs import Configs, is_named, make_configs
 from megaspec.errors import Problem, SpecError
 from megaspec.paths import conf_dir, specs_dir
@@ -31,7 +30,7 @@ def spec_file_inputs(path: Path, display: str | None = None, model: str | None =
     in_shipped = path.resolve().parent == specs_dir().resolve()
     model = model or next(iter(models_using_spec(path) if in_shipped else []), None)
     if model:
-        base = OmegaConf.to_container(compose([f"model={model}"]).model.config, resolve=True)
+        base = given_config(compose([f"model={model}"]))
     if isinstance(spec.config, str):  # the root selects one of the model's named configs
         fields: dict[str, Any] = base
     elif is_named(base) or is_named(spec.config):

@@ -14,7 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-Rotary = tuple[Tensor, Tensor]  # (cos, sin) [b, s, 1, rot], from a rotary position embedding
+# (cos, sin) from a rotary position embedding: [b, s, 1, rot], or [b, s, 1, rot/2, 2] for adjacent pairs.
+Rotary = tuple[Tensor, Tensor]
 
 
 @runtime_checkable

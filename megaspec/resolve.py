@@ -12,7 +12,7 @@ from typing import Any, Union
 
 from pydantic import ValidationError
 
-from megaspec.config import TransformerConfig, field_names
+from megaspec.config import Setting, TransformerConfig, current_reads, field_names
 from megaspec.configs import Configs, config_problems, root_config
 from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.registry import Entry, Slot, lookup, slots_of
@@ -58,6 +58,10 @@ class _Resolver:
             except ValidationError as exc:
                 self.problems += config_problems(exc, smap, ("config",), _join(path, "config"), spec.config)
                 return None
+            reads = current_reads()
+            if reads is not None:  # each field set here must be read somewhere in this subtree
+                reads.watch(config, {f: Setting(f, _join(path, f"config.{f}"), *smap.locate(("config", f), v),
+                                                scope=path, node=True) for f, v in spec.config.items()})
         try:
             entry = lookup(spec.module, self.allow_imports)
         except SpecError as exc:

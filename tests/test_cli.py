@@ -75,7 +75,7 @@ def test_bad_override_and_bad_spec_give_one_message_and_exit_1(tmp_path):
                                        "(did you mean 'mlp'?); see `megaspec list`")
     bad_size = megaspec("build", "model.config.hidden_size=770", cwd=tmp_path)
     assert bad_size.returncode == 1
-    assert bad_size.stderr.strip() == ("error: conf/model/gpt2.yaml:6: config: hidden_size (770) must be "
+    assert bad_size.stderr.strip() == ("error: conf/model/gpt2.yaml:7: config: hidden_size (770) must be "
                                        "divisible by num_attention_heads (12), or set kv_channels")
 
 

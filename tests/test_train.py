@@ -155,9 +155,9 @@ def test_unsupported_expert_checkpoint_layouts_are_refused_before_training():
 
 
 def test_expert_bias_balancing_runs_in_the_training_loop(tmp_path):
-    moe = ["model=mixtral", "model.config.num_query_groups=2", "model.config.moe_ffn_hidden_size=32",
-           "model.config.num_moe_experts=4", "+model.config.moe_router_score_function=sigmoid",
-           "+model.config.moe_router_enable_expert_bias=true", "trainer.export=true"]
+    moe = ["model=mixtral", "model.config.num_query_groups=2", "model.config.ffn_hidden_size=32",
+           "model.config.num_moe_experts=4", "model.config.moe_router_score_function=sigmoid",
+           "model.config.moe_router_enable_expert_bias=true", "trainer.export=true"]
     records = run(tmp_path, *moe, name="moe")
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
     model = load_checkpoint(tmp_path / "moe" / "model")

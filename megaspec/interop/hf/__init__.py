@@ -139,7 +139,7 @@ def match_family(spec: ModuleSpec, configs: Configs) -> tuple[Family, Any]:
     reasons = []
     for family in FAMILIES:
         try:
-            hf_config = family.hf_config_from(spec.to_dict(), configs)
+            hf_config = family.hf_config(spec.to_dict(), configs)
             spec_data, config_data = family.spec_and_config(hf_config)
         except (SpecError, KeyError, TypeError, ValueError) as exc:
             reasons.append(f"{family.name}: {exc}")

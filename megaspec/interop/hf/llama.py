@@ -21,6 +21,7 @@ from megaspec.interop.hf.core import (
     hf_activation,
     rule,
     shipped_spec,
+    spec_activation,
     split_qkv,
     token_ids,
     unsupported,
@@ -90,12 +91,9 @@ class Llama(Family):
             "ffn_hidden_size": c.intermediate_size,
             "vocab_size": c.vocab_size,
             "max_position_embeddings": c.max_position_embeddings,
-            "normalization": "RMSNorm",
             "layernorm_epsilon": c.rms_norm_eps,
-            "activation": act,
             "gated_linear_unit": True,
             "add_bias_linear": attention_bias,
-            "position_embedding_type": "rope",
             **rope_fields(c, self.architecture),
             "share_embeddings_and_output_weights": c.tie_word_embeddings,
             "hidden_dropout": 0.0,
@@ -104,7 +102,14 @@ class Llama(Family):
         }
         return spec, config
 
-    def hf_kwargs(self, cfg: TransformerConfig) -> dict[str, Any]:
+    # Where the spec names the MLP's activation (HF's hidden_act).
+    activation_path = "decoder.layers.mlp.activation"
+
+    def hidden_act(self, spec: dict[str, Any], cfg: TransformerConfig) -> str:
+        """The MLPs' activation, megaspec's name."""
+        return spec_activation(spec, self.activation_path)
+
+    def hf_kwargs(self, spec: dict[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
         """Keyword arguments of the HF config class."""
         return {
             "num_hidden_layers": cfg.num_layers,
@@ -116,7 +121,7 @@ class Llama(Family):
             "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.max_position_embeddings,
             "rms_norm_eps": cfg.layernorm_epsilon,
-            "hidden_act": hf_activation(cfg.activation),
+            "hidden_act": hf_activation(self.hidden_act(spec, cfg)),
             "rope_parameters": hf_rope(cfg),
             "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
             "attention_dropout": cfg.attention_dropout,
@@ -124,12 +129,12 @@ class Llama(Family):
             **token_ids(cfg.vocab_size, bos_token_id=1, eos_token_id=2),
         }
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
         bias = cfg.add_bias_linear
-        return transformers.LlamaConfig(**self.hf_kwargs(cfg), attention_bias=bias, mlp_bias=bias)
+        return transformers.LlamaConfig(**self.hf_kwargs(spec, cfg), attention_bias=bias, mlp_bias=bias)
 
     def rules(self, configs: Configs) -> list[Rule]:
         return decoder_rules(configs[""])
@@ -184,7 +189,7 @@ class Mistral(Llama):
         config["window_size"] = None if window is None else (window - 1, 0)
         return spec, config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
@@ -192,7 +197,7 @@ class Mistral(Llama):
         if window is not None and (window[1] != 0 or window[0] < 0):
             raise SpecError(f"HF Mistral's sliding window looks back only: window_size (W - 1, 0), got {window}")
         unsupported("Mistral", add_bias_linear=(cfg.add_bias_linear, False))
-        return transformers.MistralConfig(**self.hf_kwargs(cfg),
+        return transformers.MistralConfig(**self.hf_kwargs(spec, cfg),
                                           sliding_window=None if window is None else window[0] + 1)
 
 
@@ -209,35 +214,38 @@ class Mixtral(Mistral):
     requires = ("gpt_model", "moe", "topk_router", "grouped_experts")
     architecture = "Mixtral"
 
+    def hidden_act(self, spec: dict[str, Any], cfg: TransformerConfig) -> str:
+        """The experts read their activation from the config (the dense MLPs' spec must match it)."""
+        return cfg.activation
+
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         unsupported(self.architecture, router_jitter_noise=(c.router_jitter_noise, 0.0))
-        _, config = super().spec_and_config(c)
+        llama_spec, config = super().spec_and_config(c)
+        act = spec_activation(llama_spec, Llama.activation_path)
         spec = shipped_spec("mixtral")
-        act = config["activation"]
-        for node in spec["submodules"]["decoder"]["submodules"]["layers"]["nodes"].values():
-            if node["submodules"]["mlp"]["module"] == "mlp":
-                node["submodules"]["mlp"]["submodules"]["activation"] = act
-        config.update(
+        spec["submodules"]["decoder"]["submodules"]["layers"]["nodes"]["dense"]["submodules"]["mlp"][
+            "submodules"]["activation"] = act
+        config.update(  # ffn_hidden_size (HF's intermediate_size) is each expert's width
+            activation=act,
             num_moe_experts=c.num_local_experts,
             moe_router_topk=c.num_experts_per_tok,
-            moe_ffn_hidden_size=c.intermediate_size,
             moe_layer_freq=1,
             # HF adds its load-balancing loss only with output_router_logits; Megatron's loss is HF's / top-k.
             moe_aux_loss_coeff=c.router_aux_loss_coef * c.num_experts_per_tok if c.output_router_logits else 0.0,
         )
         return spec, config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
         unsupported("Mixtral", moe_layer_freq=(cfg.moe_layer_freq, 1),
-                    moe_ffn_hidden_size=(cfg.moe_ffn_hidden_size, cfg.ffn_size))
-        mistral = super().hf_config(configs)
+                    moe_ffn_hidden_size=(cfg.moe_ffn_size, cfg.ffn_size))
+        mistral = super().hf_config(spec, configs)
         window = getattr(mistral, "sliding_window", None)
         coeff = cfg.moe_aux_loss_coeff / cfg.moe_router_topk
         return transformers.MixtralConfig(
-            **self.hf_kwargs(cfg), sliding_window=window, num_local_experts=cfg.num_moe_experts,
+            **self.hf_kwargs(spec, cfg), sliding_window=window, num_local_experts=cfg.num_moe_experts,
             num_experts_per_tok=cfg.moe_router_topk, output_router_logits=coeff > 0,
             router_aux_loss_coef=coeff if coeff > 0 else 0.001,
         )

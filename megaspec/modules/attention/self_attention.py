@@ -57,7 +57,6 @@ class SelfAttention(nn.Module):
         self.num_query_groups = config.query_groups
         self.heads_per_group = self.num_heads // self.num_query_groups
         self.head_dim = config.head_dim
-        self.rotary_interleaved = config.rotary_interleaved
         self.attn_mask_type = attn_mask_type
         # Causal attends causally with or without a mask: the core folds causality into any mask
         # it is given (padding, a position bias), and takes the kernel's fast path when there is none.
@@ -70,13 +69,7 @@ class SelfAttention(nn.Module):
             out_features=qkv_size,
             bias=config.add_bias_linear or config.add_qkv_bias,
         )
-        # The config flag and the spec must agree, or one of them would be silently ignored.
-        filled = (q_layernorm is not None, k_layernorm is not None)
-        if filled != (config.qk_layernorm, config.qk_layernorm):
-            raise ValueError(
-                f"config.qk_layernorm is {config.qk_layernorm} but the spec fills "
-                f"q_layernorm={filled[0]}, k_layernorm={filled[1]}; fill both slots exactly when it is true"
-            )
+        # QK-norm is the spec's choice: filled slots normalise each head's queries and keys.
         self.q_layernorm = q_layernorm(hidden_size=self.head_dim) if q_layernorm else nn.Identity()
         self.k_layernorm = k_layernorm(hidden_size=self.head_dim) if k_layernorm else nn.Identity()
         self.core_attention = core_attention
@@ -101,8 +94,8 @@ class SelfAttention(nn.Module):
         query = self.q_layernorm(query)
         key = self.k_layernorm(key)
         if rotary is not None:
-            query = apply_rotary(query, rotary, self.rotary_interleaved)
-            key = apply_rotary(key, rotary, self.rotary_interleaved)
+            query = apply_rotary(query, rotary)
+            key = apply_rotary(key, rotary)
 
         if self.ignore_mask:
             attention_mask = None

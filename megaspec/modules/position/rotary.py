@@ -1,12 +1,15 @@
 """Rotary position embeddings (RoPE): the (cos, sin) tables, their scalings, and the rotation.
 
 A rotary kind returns the hidden states unchanged plus the `(cos, sin)` pair the
-attention layers apply to queries and keys.
+attention layers apply to queries and keys. The pair's shape says how channels
+are paired: [b, s, 1, rot] rotates channel i with i + rot/2 (GPT-NeoX, HF Llama);
+[b, s, 1, rot/2, 2] rotates channel 2i with 2i + 1 (GPT-J, Meta's checkpoints).
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megaspec.config import RopeScaling, TransformerConfig
@@ -23,12 +26,20 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.rotary_dim = config.rotary_dim
+        if self.rotary_dim % 2:
+            raise ValueError(f"the rotary dimension, head_dim * rotary_percent = {self.rotary_dim}, must be even")
         self.base = config.rotary_base
         self.interleaved = config.rotary_interleaved
         self.scaling = config.rope_scaling
-        # Not persistent: it is a pure function of the config, so checkpoints need not
-        # carry it, and init_weights recomputes it after a meta-device build.
+        # Positions 0 .. max_position_embeddings - 1 have precomputed angles; a longer
+        # sequence is an index error, as with a learned position table.
+        self.max_positions = config.max_position_embeddings
+        # Not persistent: pure functions of the config, so checkpoints need not carry
+        # them, and init_weights recomputes them after a meta-device build.
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        cos, sin = self._tables()
+        self.register_buffer("cos_table", cos, persistent=False)  # [max_positions, rot]
+        self.register_buffer("sin_table", sin, persistent=False)
 
     def _inv_freq(self, device: torch.device | None = None) -> Tensor:
         # base^(-2i/dim), computed in fp32 as HF Llama does, so the tables match bit for bit.
@@ -36,25 +47,35 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (self.base ** (exponents / self.rotary_dim))  # [rot/2]
         return inv_freq if self.scaling is None else llama3_scaled(inv_freq, self.scaling)
 
+    def _tables(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        # Angles in fp32: position * frequency loses precision in half types at long range.
+        positions = torch.arange(self.max_positions, device=device).float()
+        freqs = positions[:, None] * self._inv_freq(device)  # [max, rot/2]
+        if self.interleaved:
+            angles = freqs.repeat_interleave(2, dim=-1)  # [max, rot]: f0 f0 f1 f1 ...
+        else:
+            angles = torch.cat((freqs, freqs), dim=-1)  # [max, rot]: f0 f1 ... f0 f1 ...
+        return angles.cos(), angles.sin()
+
     def init_weights(self) -> None:
-        """Recompute `inv_freq` (it holds garbage after `to_empty`)."""
+        """Recompute `inv_freq` and the cos/sin tables (they hold garbage after `to_empty`)."""
         with torch.no_grad():
             self.inv_freq.copy_(self._inv_freq(self.inv_freq.device))
+            cos, sin = self._tables(self.cos_table.device)
+            self.cos_table.copy_(cos)
+            self.sin_table.copy_(sin)
 
     def forward(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Rotary]:
-        # Angles in fp32: position * frequency loses precision in half types at long range.
-        freqs = position_ids[..., None].float() * self.inv_freq  # [b, s, rot/2]
-        if self.interleaved:
-            angles = freqs.repeat_interleave(2, dim=-1)  # [b, s, rot]: f0 f0 f1 f1 ...
-        else:
-            angles = torch.cat((freqs, freqs), dim=-1)  # [b, s, rot]: f0 f1 ... f0 f1 ...
         # [b, s, 1, rot]: the 1 broadcasts over heads in the attention's [b, s, n, d] layout.
-        cos = angles.cos().to(hidden_states.dtype).unsqueeze(2)
-        sin = angles.sin().to(hidden_states.dtype).unsqueeze(2)
+        cos = F.embedding(position_ids, self.cos_table).to(hidden_states.dtype).unsqueeze(2)
+        sin = F.embedding(position_ids, self.sin_table).to(hidden_states.dtype).unsqueeze(2)
+        if self.interleaved:  # [b, s, 1, rot/2, 2]: the shape tells apply_rotary to rotate adjacent pairs
+            cos, sin = cos.unflatten(-1, (-1, 2)), sin.unflatten(-1, (-1, 2))
         return hidden_states, (cos, sin)
 
     def extra_repr(self) -> str:
-        return f"rotary_dim={self.rotary_dim}, base={self.base}, interleaved={self.interleaved}"
+        return (f"rotary_dim={self.rotary_dim}, base={self.base}, interleaved={self.interleaved}, "
+                f"max_positions={self.max_positions}")
 
 
 def llama3_scaled(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
@@ -83,9 +104,13 @@ def _rotate_pairs(x: Tensor) -> Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
-def apply_rotary(x: Tensor, rotary: Rotary, interleaved: bool = False) -> Tensor:
-    """Rotate the first rotary_dim channels of x [b, s, n, d] by the angles in (cos, sin) [b, s, 1, rot]."""
+def apply_rotary(x: Tensor, rotary: Rotary) -> Tensor:
+    """Rotate the first rotary_dim channels of x [b, s, n, d] by (cos, sin): [b, s, 1, rot], or [b, s, 1, rot/2, 2]
+    to rotate adjacent pairs (interleaved)."""
     cos, sin = rotary
+    interleaved = cos.dim() > x.dim()
+    if interleaved:
+        cos, sin = cos.flatten(-2), sin.flatten(-2)  # [b, s, 1, rot]: f0 f0 f1 f1 ...
     rotary_dim = cos.size(-1)
     rotate = _rotate_pairs if interleaved else _rotate_half
     if rotary_dim == x.size(-1):
