@@ -34,6 +34,7 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
     from megaspec.compose import record_sources, searchpath_override
     from megaspec.hydra_config import (
         config_plugins,
+        flags_first,
         import_plugins,
         node_overrides,
         plugins_in_overrides,
@@ -60,7 +61,8 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
 
-    sys.argv = [prog, searchpath_override(), *before, *argv, *after]
+    flags, overrides = flags_first(argv)
+    sys.argv = [prog, *flags, searchpath_override(), *before, *overrides, *after]
     run()
     return 0
 

@@ -186,3 +186,28 @@ def config_plugins(argv: Sequence[str], searchpath: str) -> list[str]:
     finally:
         GlobalHydra.instance().clear()
     return [str(p) for p in cfg.get("plugins") or ()]
+
+
+# Hydra's command-line flags that take a value (--info takes one optionally).
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def flags_first(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides): Hydra takes its overrides as one run of arguments."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-") and not arg.startswith(("~", "+")):
+            flags.append(arg)
+            takes = arg in _VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(argv)
+                                            and argv[i + 1] in _INFO_CHOICES)
+            if takes and i + 1 < len(argv):
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
