@@ -22,6 +22,16 @@ from megaspec.paths import conf_dir, specs_dir
 from megaspec.spec import ModuleSpec, load_spec
 
 
+class NoSizes(SpecError):
+    """A spec file with no sizes: no root `config:`, no model given, none in conf/model using it."""
+
+    def __init__(self, spec: ModuleSpec) -> None:
+        super().__init__(Problem(
+            "no sizes: give TransformerConfig fields under the root node's 'config', or name a model "
+            "(--model NAME) whose config to use", "", spec.file, 1))
+        self.spec = spec
+
+
 def spec_file_inputs(path: Path, display: str | None = None, model: str | None = None,
                      ) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
     """(spec, configs) for a spec file: sizes from its root `config`, over a model that uses it."""
@@ -38,9 +48,7 @@ def spec_file_inputs(path: Path, display: str | None = None, model: str | None =
     else:
         fields = {**base, **dict(spec.config)}
     if not fields:
-        raise SpecError(Problem(
-            "no sizes: give TransformerConfig fields under the root node's 'config', or name a model "
-            "(--model NAME) whose config to use", "", spec.file, 1))
+        raise NoSizes(spec)
     configs = make_configs(fields, spec.smap, ("config",))
     if not isinstance(spec.config, str):
         # The root's fields became the base config; the node keeps no override of its own.
