@@ -3,7 +3,8 @@
 Each process writes its own shards of the model and optimizer state under
 `<dir>/step_<N>/`; the keys are the model's fully-qualified parameter names,
 so a checkpoint saved at one world size (or parallel layout) loads at another.
-Expert-parallel weights are saved as the global [E, ...] tensors, sharded by expert.
+Expert-parallel weights are saved as the global [E, ...] tensors, sharded by expert;
+a tensor-parallel [gate | up] weight as [2, ffn, h] (see megaspec.train.fused).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from megaspec.errors import SpecError
 from megaspec.parallel.expert import globalize_experts, localize_experts, unsupported_expert_checkpoint
 from megaspec.parallel.parallelize import parallel_state
+from megaspec.train.fused import fused_parameters, halves_for_checkpoint, joined
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -33,15 +35,20 @@ class TrainState(Stateful):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int = 0) -> None:
         self.model, self.optimizer, self.step = model, optimizer, step
+        self.stored: dict[str, torch.Size] | None = None  # when loading: the shapes the checkpoint holds
+        self._bases: dict[tuple[str, str], torch.Tensor] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """Sharded state dicts keyed by parameter name (world-size independent)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         model_sd, optim_sd = globalize_experts(self.model, _mesh(self.model), model_sd, optim_sd)
+        model_sd, optim_sd, self._bases = halves_for_checkpoint(model_sd, optim_sd, fused_parameters(self.model),
+                                                                self.stored)
         return {"model": model_sd, "optim": optim_sd, "step": torch.tensor(self.step)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load in place into the (possibly sharded) model and optimizer."""
+        joined(state_dict["model"], state_dict["optim"], self._bases)
         model_sd, optim_sd = localize_experts(self.model, _mesh(self.model), state_dict["model"], state_dict["optim"])
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.step = int(state_dict["step"])
@@ -76,6 +83,12 @@ def save(state: TrainState, directory: Path, extra: dict[str, Any] | None = None
                 **(extra or {})}
         (path / "megaspec_train.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def stored_shapes(path: Path) -> dict[str, torch.Size]:
+    """DCP key -> shape of each tensor a checkpoint holds."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    return {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -122,6 +135,7 @@ def load(state: TrainState, path: str | Path, model_config: dict[str, Any] | Non
             raise SpecError(f"trainer.resume: {found} holds a different model; model.config differs in "
                             + "; ".join(changes))
     try:
+        state.stored = stored_shapes(found)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is .*")
             dcp.load({"train": state}, checkpoint_id=str(found))
@@ -143,8 +157,10 @@ def export(path: Path, spec: Any, configs: Any, allow: tuple[str, ...], target: 
     # Built and initialised as usual, so buffers that no checkpoint holds (RoPE tables) are set.
     model = materialize(build_module(spec, configs, device="meta", allow_imports=allow), "cpu")
     weights = model.state_dict()
+    weights, _, bases = halves_for_checkpoint(weights, {}, fused_parameters(model), stored_shapes(path))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is .*")
         dcp.load({"train": {"model": weights}}, checkpoint_id=str(path), no_dist=True)
+    joined(weights, {}, bases)
     model.load_state_dict(weights)
     return save_model(model, target)
