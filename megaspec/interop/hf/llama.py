@@ -239,6 +239,8 @@ class Mixtral(Mistral):
         import transformers
 
         cfg = configs[""]
+        if cfg.num_moe_experts is None:
+            raise SpecError("Mixtral: the config has no num_moe_experts (not a mixture of experts)")
         unsupported("Mixtral", moe_layer_freq=(cfg.moe_layer_freq, 1),
                     moe_ffn_hidden_size=(cfg.moe_ffn_size, cfg.ffn_size))
         mistral = super().hf_config(spec, configs)
