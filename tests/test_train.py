@@ -165,3 +165,16 @@ def test_expert_bias_balancing_runs_in_the_training_loop(tmp_path):
     # Three steps of +-rate nudges: the biases moved, and by whole multiples of the rate.
     assert bias.abs().sum() > 0
     assert torch.allclose(bias / 1e-3, (bias / 1e-3).round(), atol=1e-3)
+
+
+def test_resume_compares_configs_with_their_defaults_filled_in():
+    """Checkpoints record the fields a config was given; one left out has its default on both sides."""
+    from megaspec.train.checkpoint import _config_changes
+
+    saved = {"config": {"num_layers": 2, "hidden_size": 64}}
+    assert _config_changes(saved, {"config": {"num_layers": 2, "hidden_size": 64, "vocab_size": 32000}}) == []
+    assert _config_changes(saved, {"config": {"num_layers": 2, "hidden_size": 64, "vocab_size": 256}}) == [
+        "config.vocab_size: 32000 -> 256"]
+    named = {"language": {"num_layers": 2, "rope_scaling": {"factor": 8.0}}}
+    assert _config_changes(named, {"language": {"num_layers": 2, "rope_scaling": {"factor": 2.0}}}) == [
+        "language.rope_scaling: {'factor': 8.0} -> {'factor': 2.0}"]

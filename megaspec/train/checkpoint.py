@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from megaspec.configs import field_defaults
 from megaspec.errors import SpecError
 from megaspec.parallel.expert import globalize_experts, localize_experts, unsupported_expert_checkpoint
 from megaspec.parallel.parallelize import parallel_state
@@ -109,15 +110,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """'field: saved -> now' for every model config field that differs (named configs as name.field)."""
+    """'field: saved -> now' for every model config field that differs (named configs as name.field).
+
+    A field one side leaves out has its default (a config records the fields it was given).
+    """
+    defaults = field_defaults()
+
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+            named = isinstance(v, dict) and k not in defaults  # a named config, not a dict-valued field
+            out.update(flat(v, f"{prefix}{k}.") if named else {f"{prefix}{k}": v})
         return out
 
     a, b = flat(saved), flat(now)
-    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    def value(side: dict[str, Any], key: str) -> Any:
+        return side[key] if key in side else defaults.get(key.rsplit(".", 1)[-1])
+
+    return [f"{k}: {value(a, k)} -> {value(b, k)}" for k in sorted(set(a) | set(b)) if value(a, k) != value(b, k)]
 
 
 def load(state: TrainState, path: str | Path, model_config: dict[str, Any] | None = None) -> Path:
