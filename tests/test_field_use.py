@@ -264,9 +264,10 @@ def test_every_field_is_in_the_composed_config_and_takes_a_plain_override() -> N
     """No `+` needed: every field, also of named configs and those modules declare, is there with its default."""
     values = {name: candidates(field_annotation(name), None)[:1] for name in field_names()}
     plain = [f"model.config.{n}={hydra_value(v[0])}" for n, v in values.items() if v and n != "num_layers"]
-    cfg = compose(plain)
-    assert set(cfg.model.config) >= set(field_names()) - {"num_layers", "hidden_size", "num_attention_heads"} | {
-        "num_layers"}
+    cfg = compose(plain)  # Hydra would refuse any of these without `+` if the field were missing
+    assert set(field_names()) <= set(cfg.model.config)
+    assert {n: cfg.model.config[n] for n in ("qk_layernorm", "window_size")} == {"qk_layernorm": True,
+                                                                                 "window_size": [1, 0]}
     named = compose(["model=llava", "model.config.vision.qk_layernorm=true", "model.config.language.rope_scaling="
                      "{rope_type: llama3, factor: 2.0}"])
     assert named.model.config.vision.qk_layernorm is True
