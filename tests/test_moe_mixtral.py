@@ -20,7 +20,8 @@ MIXTRAL_8X7B = 46_702_792_704
 VOCAB, SEQ = 101, 12
 TINY = [
     "model=mixtral", "model.config.num_layers=2", "model.config.hidden_size=64",
-    "model.config.num_attention_heads=4", "model.config.num_query_groups=2", "model.config.ffn_hidden_size=48", "model.config.num_moe_experts=4", f"model.config.vocab_size={VOCAB}",
+    "model.config.num_attention_heads=4", "model.config.num_query_groups=2", "model.config.ffn_hidden_size=48",
+    "model.config.num_moe_experts=4", f"model.config.vocab_size={VOCAB}",
     "model.config.max_position_embeddings=64",
 ]  # fmt: skip
 
