@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 import megaspec.catalog  # noqa: F401  (the built-in modules, registered before anything is resolved)
-from megaspec.config import DTYPES, TransformerConfig
+from megaspec.config import DTYPES, TransformerConfig, recording_reads
 from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
+from megaspec.field_use import config_settings, refuse_kept_configs, refuse_unread
 from megaspec.init import batched_init, check_buffers, init_weights, poison_buffers
 from megaspec.memory import check_weights_fit
 from megaspec.record import BuildRecord, Registered, attach_record
@@ -68,8 +69,27 @@ def _construct(r: Resolved, built: Built, provided: Mapping[str, Any] | None = N
         raise SpecError(Problem(
             f"building '{r.entry.name}' ({r.entry.cls.__qualname__}) failed: {type(exc).__name__}: {exc}",
             r.path or "<root>", file, line)) from exc
+    _own_tensors_to(module, DTYPES[r.config.params_dtype], built)
     built[module] = Registered(r.entry.name, r.entry.kind)
     return module
+
+
+def _own_tensors_to(module: nn.Module, dtype: torch.dtype, built: Built) -> None:
+    """Cast the floating tensors `module` owns (not its registered children's) to its config's params_dtype.
+
+    Per node, so a subtree built with another config (a vision tower) keeps its own dtype,
+    and a plug-in that creates plain nn.Linear layers still follows params_dtype.
+    """
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        for param in m._parameters.values():
+            if param is not None and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buf in m._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                m._buffers[name] = buf.to(dtype)
+        todo += [c for c in m.children() if c not in built]
 
 
 def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
@@ -100,11 +120,17 @@ def build_module(
     ({"language": ..., "vision": ...}) for models whose parts differ in size.
     """
     configs = make_configs(config)
-    root = resolve(spec, configs, allow_imports)
+    settings = config_settings(configs)
     built: Built = {}
-    with torch.device("meta"):
-        model = _construct(root, built)
-    model.to(DTYPES[root.config.params_dtype])
+    # Every config field that was set must be read by some module while the tree is built.
+    with recording_reads() as reads:
+        for cfg, tokens in settings:
+            reads.watch(cfg, tokens)
+        root = resolve(spec, configs, allow_imports)
+        with torch.device("meta"):
+            model = _construct(root, built)
+    refuse_kept_configs(built, {m: path for path, m in model.named_modules()})
+    refuse_unread(reads, root)
     modules = {path: built[m] for path, m in model.named_modules(remove_duplicate=False) if m in built}
     attach_record(model, BuildRecord(spec, configs, tuple(allow_imports), modules))
     if str(device) == "meta":

@@ -117,8 +117,9 @@ def _modules_used(root: Resolved) -> dict[str, dict[str, str]]:
 
 
 def _config_data(configs: Configs) -> dict[str, Any]:
-    """Configs as plain YAML data: one config's fields, or {name: fields}."""
-    dumped = {name: cfg.model_dump(mode="json") for name, cfg in configs.items()}
+    """Configs as plain YAML data: the fields each was given (the others keep their defaults), or {name: fields}."""
+    dumped = {name: {k: v for k, v in cfg.model_dump(mode="json").items() if k in cfg.model_fields_set}
+              for name, cfg in configs.items()}
     return dumped[""] if list(dumped) == [""] else dumped
 
 

@@ -31,29 +31,6 @@ that specs and checkpoints may then name; a spec or checkpoint can never allow o
 """
 
 
-def _split_hydra_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(Hydra's flags with their values, overrides): argparse takes no flag after its positional overrides."""
-    from hydra._internal.utils import get_args_parser
-
-    actions = get_args_parser()._option_string_actions
-    flags: list[str] = []
-    overrides: list[str] = []
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        action = actions.get(arg.split("=", 1)[0]) if arg.startswith("-") else None
-        if action is None:
-            (flags if arg.startswith("-") else overrides).append(arg)  # an unknown flag: argparse will say so
-            continue
-        flags.append(arg)
-        if "=" in arg or action.nargs == 0:
-            continue
-        if action.nargs is None or (action.nargs == "?" and args and args[0] in (action.choices or ())):
-            if args:
-                flags.append(args.pop(0))
-    return flags, overrides
-
-
 def _swept_keys(overrides: Sequence[str]) -> set[str]:
     """The keys a sweep varies (model.config.num_layers=2,4): what tells its jobs apart."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -102,16 +79,30 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
 
     With -m/--multirun every job of the sweep runs, in its own directory, with `sweep`
     added to its overrides; a job that fails is reported and the others still run.
+    `--plugins a,b` (and `plugins:` in the caller's own config) name plug-in modules to import first.
     """
     import hydra
     from omegaconf import OmegaConf, open_dict
 
     from megaspec.compose import record_sources, searchpath_override
+    from megaspec.hydra_config import (
+        config_plugins,
+        flags_first,
+        import_plugins,
+        node_overrides,
+        plugins_in_overrides,
+        plugins_option,
+        store_config_defaults,
+    )
     from megaspec.hydra_errors import check_resolves, composition_error, is_grammar_error
     from megaspec.paths import conf_dir
 
     allow, argv = _pop_allow_imports(argv)
-    flags, overrides = _split_hydra_args(argv)
+    argv, plugins = plugins_option(argv)
+    flags, typed = flags_first(argv)
+    overrides = node_overrides(typed)  # a dict override of a spec node replaces the node
+    import_plugins([*plugins, *plugins_in_overrides(overrides), *config_plugins(argv, searchpath_override())])
+    store_config_defaults()
     multirun = bool({"-m", "--multirun"} & set(flags)) or "hydra.mode=MULTIRUN" in overrides
     swept = _swept_keys(overrides) if multirun else set()
     lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one process speaks for all
@@ -122,16 +113,18 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
         from hydra.core.hydra_config import HydraConfig
 
         hydra_cfg = HydraConfig.get()
-        record_sources(cfg, hydra_cfg.runtime.choices)
         job = ""
-        if multirun:  # the overrides as typed: an interpolation in one is resolved (and checked) below
-            typed = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
-            varied = [o for o in typed if o.lstrip("+~").split("=", 1)[0] in swept]
+        # The overrides as typed: an interpolation in one is resolved (and checked) below, not here.
+        task_overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+        if multirun:
+            varied = [o for o in task_overrides if o.lstrip("+~").split("=", 1)[0] in swept]
             job = f"job {hydra_cfg.job.num} ({' '.join(varied)})"
             if lead:
                 print(f"== {job}: {hydra_cfg.runtime.output_dir}", flush=True)
         try:
-            check_resolves(cfg, overrides)
+            check_resolves(cfg, typed)
+            import_plugins(cfg.get("plugins") or ())
+            record_sources(cfg, hydra_cfg.runtime.choices, task_overrides)
             if allow:  # the caller's own allow-list: on the command line, as in the user's config
                 with open_dict(cfg):
                     cfg.allow_imports = [*(cfg.get("allow_imports") or []), *allow]
@@ -157,8 +150,8 @@ def _run_hydra(argv: list[str], prog: str, task: Callable[[Any, Any], object],
     except _TaskFailed as bug:
         raise bug.__cause__ from None  # type: ignore[misc]
     except Exception as exc:  # composing the config failed: the user's overrides are at fault
-        print(f"error: {composition_error(exc, overrides, _composition_fails)}", file=sys.stderr)
-        return 2 if is_grammar_error(exc, overrides) else 1
+        print(f"error: {composition_error(exc, typed, _composition_fails)}", file=sys.stderr)
+        return 2 if is_grammar_error(exc, typed) else 1
     finally:
         if saved is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

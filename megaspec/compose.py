@@ -8,6 +8,7 @@ composed, so errors can still name the file and line a value came from.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
+from megaspec.hydra_config import (
+    given_fields,
+    import_plugins,
+    node_overrides,
+    overridden_keys,
+    plugins_in_overrides,
+    replace_nodes,
+    store_config_defaults,
+)
 from megaspec.hydra_errors import check_resolves, composition_error
 from megaspec.paths import conf_dir, resource_root
 from megaspec.source import COMMAND_LINE, SourceMap, load_yaml
@@ -29,13 +39,18 @@ def searchpath_override() -> str:
     return f"hydra.searchpath=[file://{resource_root()}]"
 
 
-def record_sources(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
-    """Store which model and spec files were composed, as `cfg.sources`."""
-    sources = {}
+def record_sources(cfg: DictConfig, choices: Mapping[str, Any], overrides: Sequence[str] = ()) -> None:
+    """Store which model and spec files were composed, and the overrides, as `cfg.sources`.
+
+    Also makes each dict override of a spec node replace that node (see replace_nodes).
+    """
+    sources: dict[str, Any] = {}
     if choices.get("model"):
         sources["model"] = f"conf/model/{choices['model']}.yaml"
     if choices.get(SPEC_GROUP):
         sources["spec"] = f"specs/{choices[SPEC_GROUP]}.yaml"
+    sources["overrides"] = [o for o in overrides if not o.startswith("hydra.")]
+    replace_nodes(cfg, overrides)
     with open_dict(cfg):
         cfg.sources = sources
 
@@ -45,6 +60,7 @@ def _hydra_compose(overrides: Sequence[str], config_name: str) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    store_config_defaults()  # every TransformerConfig field, module-declared ones included, with its default
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         return hydra_compose(config_name, [searchpath_override(), *overrides], return_hydra_config=True)
@@ -60,7 +76,7 @@ def _without_hydra(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
 
 def _fails(overrides: Sequence[str], config_name: str = "config") -> bool:
     try:
-        check_resolves(_without_hydra(_hydra_compose(overrides, config_name))[0])
+        check_resolves(_without_hydra(_hydra_compose(node_overrides(overrides), config_name))[0])
     except Exception:
         return True
     return False
@@ -70,25 +86,44 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     """Compose conf/ with Hydra overrides (the CLI's grammar) into a DictConfig.
 
     Any failure, composing or resolving `${...}` interpolations, is a SpecError at
-    `command line` naming the override as given.
+    `command line` naming the override as given. Plug-in modules listed in the config's
+    `plugins` (or a `plugins=[...]` override) are imported first, so their modules and
+    config fields exist when the overrides apply.
     """
     overrides = [str(o) for o in overrides]
+    import_plugins(plugins_in_overrides(overrides))
+    cfg = _compose(overrides, config_name)
+    if import_plugins(p for p in cfg.get("plugins") or () if p not in sys.modules):
+        cfg = _compose(overrides, config_name)  # again, with the fields the plug-ins declare
+    return cfg
+
+
+def _compose(overrides: list[str], config_name: str) -> DictConfig:
+    hydra_overrides = node_overrides(overrides)  # a dict override of a spec node replaces the node
     try:
-        cfg = _hydra_compose(overrides, config_name)
+        cfg = _hydra_compose(hydra_overrides, config_name)
     except Exception as exc:  # Hydra raises its own errors, OmegaConf's, and plain ValueErrors
         raise composition_error(exc, overrides, lambda some: _fails(some, config_name)) from None
     cfg, choices = _without_hydra(cfg)
     check_resolves(cfg, overrides)
-    record_sources(cfg, choices)
+    record_sources(cfg, choices, hydra_overrides)
     return cfg
 
 
 def _source_map(rel: str | None, composed: bool) -> SourceMap:
-    if not rel:
+    if not rel or not (resource_root() / rel).is_file():  # e.g. a model file in the user's own config dir
         return SourceMap()
     _, smap = load_yaml(resource_root() / rel, rel)
     smap.composed = composed
     return smap
+
+
+def given_config(cfg: DictConfig) -> Any:
+    """A composed config's `model.config` with only the fields that were given (see given_fields)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    sources = data.get("sources") or {}
+    return given_fields(data["model"]["config"], _source_map(sources.get("model"), composed=True),
+                        overridden_keys(sources.get("overrides") or ()))
 
 
 def cfg_inputs(cfg: DictConfig | Mapping[str, Any]) -> tuple[ModuleSpec, Configs, tuple[str, ...]]:
@@ -107,7 +142,11 @@ def cfg_inputs(cfg: DictConfig | Mapping[str, Any]) -> tuple[ModuleSpec, Configs
         raise SpecError("config has no model.spec and model.config; compose it with megaspec.compose()")
     sources = sources or {}
     spec = parse_spec(model["spec"], _source_map(sources.get("spec"), composed=True))
-    configs = make_configs(model["config"], _source_map(sources.get("model"), composed=True), ("config",))
+    smap = _source_map(sources.get("model"), composed=True)
+    fields = model["config"]
+    if "sources" in data:  # composed: every field is present, most only with its default
+        fields = given_fields(fields, smap, overridden_keys(sources.get("overrides") or ()))
+    configs = make_configs(fields, smap, ("config",))
     allow = data.get("allow_imports") or ()
     if not isinstance(allow, (list, tuple)) or not all(isinstance(a, str) and a for a in allow):
         raise SpecError(Problem(f"allow_imports: expected a list of import-path prefixes, got {allow!r}", "",

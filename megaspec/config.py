@@ -9,7 +9,9 @@ validated against the types the module declares.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -96,8 +98,79 @@ def field_names() -> list[str]:
     return [*TransformerConfig.model_fields, *_MODULE_FIELDS]
 
 
+@dataclass(frozen=True)
+class Setting:
+    """A config field as set in one place: the token FieldReads marks as read."""
+
+    field: str
+    path: str  # tree path of the setting, e.g. 'config.hidden_size' or 'decoder.layers[*].config.ffn_hidden_size'
+    file: str | None = None  # where it was written ('command line' for an override)
+    line: int | None = None
+    scope: str = ""  # what it applies to: a named config ('' for the only one), or the spec node's tree path
+    node: bool = False  # True: set in a spec node's `config:`, for that node's subtree
+
+
+class FieldReads:
+    """Which settings of config fields were read while a model was built.
+
+    A setting is any hashable token standing for "field F as written at some place"
+    (a model file, a command-line override, a spec node's `config:`). The builder
+    watches each config object with the tokens of its set fields; every read of such a
+    field through a watched config (in a module's __init__, a property, a slot count)
+    marks its token as read. A set field whose token is never read took no effect.
+    """
+
+    def __init__(self) -> None:
+        self._watched: dict[int, tuple[TransformerConfig, dict[str, Hashable]]] = {}
+        self.settings: set[Hashable] = set()  # every token watched
+        self.read: set[Hashable] = set()
+
+    def watch(self, config: TransformerConfig, tokens: Mapping[str, Hashable]) -> None:
+        """Record reads of these fields of `config` as reads of their tokens (added to earlier ones)."""
+        _, known = self._watched.get(id(config), (config, {}))
+        self._watched[id(config)] = (config, {**known, **tokens})
+        self.settings.update(tokens.values())
+
+    def unread(self) -> list[Hashable]:
+        """The settings no read reached."""
+        return [s for s in self.settings if s not in self.read]
+
+    def tokens(self, config: TransformerConfig) -> dict[str, Hashable]:
+        """The field -> token map `config` is watched with (empty if it is not)."""
+        return dict(self._watched.get(id(config), (config, {}))[1])
+
+    def note(self, config: TransformerConfig, name: str) -> None:
+        """`config.<name>` was read."""
+        watched = self._watched.get(id(config))
+        if watched is not None and name in watched[1]:
+            self.read.add(watched[1][name])
+
+
+_READS: ContextVar[FieldReads | None] = ContextVar("megaspec_field_reads", default=None)
+
+
+@contextmanager
+def recording_reads() -> Iterator[FieldReads]:
+    """Record config field reads (in this thread) until the block ends."""
+    reads = FieldReads()
+    token = _READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
+
+
+def current_reads() -> FieldReads | None:
+    """The FieldReads being recorded, if a build is under way."""
+    return _READS.get()
+
+
 class TransformerConfig(BaseModel):
-    """Immutable, validated model hyper-parameters (Megatron-Core names, plus fields modules declare)."""
+    """Immutable, validated model hyper-parameters (Megatron-Core names, plus fields modules declare).
+
+    `model_fields_set` holds the fields that were given (module-declared ones included),
+    as opposed to defaulted: the builder refuses a given field that no module reads.
+    """
 
     # Extra keys are allowed only as module-declared fields (checked in _module_fields).
     model_config = ConfigDict(frozen=True, extra="allow", **STRICT)
@@ -172,10 +245,17 @@ class TransformerConfig(BaseModel):
     moe_expert_capacity_factor: float | None = None  # None: dropless
     moe_token_drop_policy: Literal["probs", "position"] = "probs"  # which tokens over capacity to drop
 
+    def __getattribute__(self, name: str) -> Any:
+        # While a model is built, reads of watched fields are recorded (see FieldReads).
+        reads = _READS.get()
+        if reads is not None:
+            reads.note(self, name)
+        return super().__getattribute__(name)
+
     @model_validator(mode="before")
     @classmethod
     def _module_fields(cls, data: Any) -> Any:
-        """Unknown keys are refused; module-declared fields get their defaults and their types checked."""
+        """Unknown keys are refused; given module-declared fields get their types checked."""
         if not isinstance(data, Mapping):
             return data
         data = {name: conform(cls.model_fields[name].annotation, value) if name in cls.model_fields else value
@@ -186,7 +266,6 @@ class TransformerConfig(BaseModel):
                 errors.append(InitErrorDetails(type="extra_forbidden", loc=(name,), input=data[name]))
         for name, field in _MODULE_FIELDS.items():
             if name not in data:
-                data[name] = field.default
                 continue
             try:
                 data[name] = field.adapter.validate_python(conform(field.annotation, data[name]))
@@ -196,6 +275,15 @@ class TransformerConfig(BaseModel):
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
+
+    @model_validator(mode="after")
+    def _module_defaults(self) -> TransformerConfig:
+        # Filled after validation, so model_fields_set keeps telling given fields from defaults.
+        extra = self.__pydantic_extra__
+        if extra is not None:
+            for name, field in _MODULE_FIELDS.items():
+                extra.setdefault(name, field.default)
+        return self
 
     @model_validator(mode="after")
     def _moe_rules(self) -> TransformerConfig:
@@ -256,10 +344,6 @@ class TransformerConfig(BaseModel):
             )
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
-        if self.position_embedding_type == "rope" and self.rotary_dim % 2:
-            raise ValueError(
-                f"rotary dimension kv_channels * rotary_percent ({self.rotary_dim}) must be even"
-            )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -331,5 +415,13 @@ class TransformerConfig(BaseModel):
         return ["moe" if f else "dense" for f in flags]
 
     def updated(self, **changes: Any) -> TransformerConfig:
-        """Return a re-validated copy with `changes` applied (subtree overrides)."""
-        return TransformerConfig.model_validate({**self.model_dump(), **changes})
+        """Return a re-validated copy with `changes` applied (subtree overrides); given fields stay given.
+
+        While a model is built, the copy's reads of unchanged fields count as reads of this config's.
+        """
+        given = {k: v for k, v in self.model_dump().items() if k in self.model_fields_set}
+        new = TransformerConfig.model_validate({**given, **changes})
+        reads = _READS.get()
+        if reads is not None:
+            reads.watch(new, {k: t for k, t in reads.tokens(self).items() if k not in changes})
+        return new

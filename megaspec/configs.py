@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from megaspec.config import TransformerConfig, field_annotation, field_names
+from megaspec.config import TransformerConfig, field_annotation, field_names, module_fields
 from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.signature import type_name
 from megaspec.source import ABSENT, COMMAND_LINE, Key, SourceMap
@@ -47,6 +48,19 @@ def _rule_problem(smap: SourceMap, key: Key, where: str, message: str, data: Map
     return smap.problem(key, where, message)
 
 
+@functools.cache
+def _core_defaults() -> dict[str, Any]:
+    return {name: TypeAdapter(f.annotation).dump_python(f.default, mode="json")
+            for name, f in TransformerConfig.model_fields.items() if not f.is_required()}
+
+
+def field_defaults() -> dict[str, Any]:
+    """Every config field that has a default (core and module-declared), as plain data: {name: default}."""
+    out = dict(_core_defaults())
+    out.update({name: f.adapter.dump_python(f.default, mode="json") for name, f in module_fields().items()})
+    return out
+
+
 def make_config(data: Mapping[str, Any] | TransformerConfig, smap: SourceMap | None = None,
                 key: Key = (), tree: str = "config") -> TransformerConfig:
     """Validate TransformerConfig fields; SpecError lists every problem with its location."""
@@ -62,7 +76,22 @@ def make_config(data: Mapping[str, Any] | TransformerConfig, smap: SourceMap | N
         raise SpecError(config_problems(exc, smap or SourceMap(), key, tree, data)) from None
 
 
-Configs = dict[str, TransformerConfig]
+class Configs(dict):  # dict[str, TransformerConfig]
+    """Configs by name ('' when there is one), with the source map their fields were read from.
+
+    The map locates a field that was set (file:line, or the command line) when the
+    builder refuses it; a plain dict of configs is located nowhere.
+    """
+
+    def __init__(self, configs: Mapping[str, TransformerConfig] = (), smap: SourceMap | None = None,
+                 key: Key = ()) -> None:
+        super().__init__(configs)
+        self.smap = smap or SourceMap()
+        self.key = key
+
+    def field_key(self, name: str, field: str) -> Key:
+        """The source-map key of config `name`'s `field`."""
+        return (*self.key, *((name,) if name else ()), field)
 
 
 def is_named(data: Any) -> bool:
@@ -76,8 +105,10 @@ def is_named(data: Any) -> bool:
 
 def make_configs(data: Any, smap: SourceMap | None = None, key: Key = (), tree: str = "config") -> Configs:
     """One config (named '') or several named ones, each validated, all problems at once."""
+    if isinstance(data, Configs):
+        return data
     if not is_named(data):
-        return {"": make_config(data, smap, key, tree)}
+        return Configs({"": make_config(data, smap, key, tree)}, smap, key)
     configs, problems = {}, []
     for name, fields in data.items():
         try:
@@ -86,7 +117,7 @@ def make_configs(data: Any, smap: SourceMap | None = None, key: Key = (), tree: 
             problems += exc.problems
     if problems:
         raise SpecError(problems)
-    return configs
+    return Configs(configs, smap, key)
 
 
 def root_config(spec: ModuleSpec, configs: TransformerConfig | Configs) -> TransformerConfig:

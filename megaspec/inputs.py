@@ -11,16 +11,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from megaspec.build import build_module
 from megaspec.checkpoint import checkpoint_inputs
-from megaspec.compose import cfg_inputs, compose, models_using_spec
+from megaspec.compose import cfg_inputs, compose, given_config, models_using_spec
 from megaspec.configs import Configs, is_named, make_configs
 from megaspec.errors import Problem, SpecError
 from megaspec.paths import conf_dir, specs_dir
 from megaspec.spec import ModuleSpec, load_spec
+
+
+class NoSizes(SpecError):
+    """A spec file with no sizes: no root `config:`, no model given, none in conf/model using it."""
+
+    def __init__(self, spec: ModuleSpec) -> None:
+        super().__init__(Problem(
+            "no sizes: give TransformerConfig fields under the root node's 'config', or name a model "
+            "(--model NAME) whose config to use", "", spec.file, 1))
+        self.spec = spec
 
 
 def spec_file_inputs(path: Path, display: str | None = None, model: str | None = None,
@@ -31,7 +40,7 @@ def spec_file_inputs(path: Path, display: str | None = None, model: str | None =
     in_shipped = path.resolve().parent == specs_dir().resolve()
     model = model or next(iter(models_using_spec(path) if in_shipped else []), None)
     if model:
-        base = OmegaConf.to_container(compose([f"model={model}"]).model.config, resolve=True)
+        base = given_config(compose([f"model={model}"]))
     if isinstance(spec.config, str):  # the root selects one of the model's named configs
         fields: dict[str, Any] = base
     elif is_named(base) or is_named(spec.config):
@@ -39,9 +48,7 @@ def spec_file_inputs(path: Path, display: str | None = None, model: str | None =
     else:
         fields = {**base, **dict(spec.config)}
     if not fields:
-        raise SpecError(Problem(
-            "no sizes: give TransformerConfig fields under the root node's 'config', or name a model "
-            "(--model NAME) whose config to use", "", spec.file, 1))
+        raise NoSizes(spec)
     configs = make_configs(fields, spec.smap, ("config",))
     if not isinstance(spec.config, str):
         # The root's fields became the base config; the node keeps no override of its own.

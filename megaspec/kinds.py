@@ -14,8 +14,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-# (cos, sin) [b, s, 1, rot] from a rotary position embedding; or several such tables by name, for
-# models whose layers rotate differently (Gemma-3's local and global layers), each attention picking one.
+# (cos, sin) from a rotary position embedding: [b, s, 1, rot], or [b, s, 1, rot/2, 2] for adjacent pairs;
+# or several such tables by name, for models whose layers rotate differently (Gemma-3's local and global
+# layers), each attention picking one.
 Rotary = tuple[Tensor, Tensor] | dict[str, tuple[Tensor, Tensor]]
 
 

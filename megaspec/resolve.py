@@ -12,7 +12,7 @@ from typing import Any, Union
 
 from pydantic import ValidationError
 
-from megaspec.config import TransformerConfig, field_names
+from megaspec.config import Setting, TransformerConfig, current_reads, field_names
 from megaspec.configs import Configs, config_problems, root_config
 from megaspec.errors import Problem, SpecError, did_you_mean
 from megaspec.registry import Entry, Slot, lookup, slots_of
@@ -35,15 +35,18 @@ class Resolved:
 
 
 class _Resolver:
-    def __init__(self, allow_imports: tuple[str, ...], configs: Configs) -> None:
+    def __init__(self, allow_imports: tuple[str, ...], configs: Configs, sizes: bool = True) -> None:
         self.allow_imports = allow_imports
         self.configs = configs
+        self.sizes = sizes  # False: no real config; check names, kinds, slots and params only
         self.problems: list[Problem] = []
 
     def node(self, spec: ModuleSpec, config: TransformerConfig, path: str,
              slot: tuple[str, str, Slot] | None = None) -> Resolved | None:
         smap = spec.smap
-        if isinstance(spec.config, str):  # switch to a named config for this subtree
+        if isinstance(spec.config, str) and not self.sizes:
+            pass  # which named configs exist is not known without sizes
+        elif isinstance(spec.config, str):  # switch to a named config for this subtree
             if spec.config not in self.configs:
                 names = [n for n in self.configs if n]
                 self.problems.append(smap.problem(
@@ -56,8 +59,17 @@ class _Resolver:
             try:
                 config = config.updated(**spec.config)
             except ValidationError as exc:
-                self.problems += config_problems(exc, smap, ("config",), _join(path, "config"), spec.config)
-                return None
+                if self.sizes:
+                    self.problems += config_problems(exc, smap, ("config",), _join(path, "config"), spec.config)
+                    return None
+                # Without sizes only the fields themselves can be wrong (unknown names, wrong types),
+                # not the rules between them, which the placeholder sizes would break.
+                self.problems += [p for e, p in zip(exc.errors(), config_problems(
+                    exc, smap, ("config",), _join(path, "config"), spec.config)) if e["type"] != "value_error"]
+            reads = current_reads()
+            if reads is not None:  # each field set here must be read somewhere in this subtree
+                reads.watch(config, {f: Setting(f, _join(path, f"config.{f}"), *smap.locate(("config", f), v),
+                                                scope=path, node=True) for f, v in spec.config.items()})
         try:
             entry = lookup(spec.module, self.allow_imports)
         except SpecError as exc:
@@ -114,7 +126,7 @@ class _Resolver:
     def many(self, value: Any, config: TransformerConfig, path: str,
              owner: tuple[str, str, Slot], smap: SourceMap) -> list[Resolved]:
         decl = owner[2]
-        want = getattr(config, decl.count) if decl.count else None
+        want = getattr(config, decl.count) if decl.count and self.sizes else None
         # Sizes are checked before any list is made: a count of 10**9 is an error, not an allocation.
         too_many = isinstance(want, int) and want > MAX_LIST
         if too_many:
@@ -149,6 +161,13 @@ class _Resolver:
         if not isinstance(value.pattern, str):
             return list(value.pattern)
         field_name = value.pattern
+        if not self.sizes:  # the list comes with the sizes; only the field's name can be checked
+            if not hasattr(config, field_name):
+                fields = [f for f in dir(config) if "pattern" in f or f in field_names()]
+                self.problems.append(value.smap.problem(
+                    ("pattern",), f"{path}.pattern",
+                    f"no config field '{field_name}'{did_you_mean(field_name, fields)}"))
+            return []
         found = getattr(config, field_name, None)
         if not isinstance(found, (list, tuple)) or not found:
             fields = [f for f in dir(config) if "pattern" in f or f in field_names()]
@@ -185,3 +204,14 @@ def resolve(spec: ModuleSpec, config: TransformerConfig | Configs,
     if resolver.problems or root is None:
         raise SpecError(resolver.problems)
     return root
+
+
+# Stands in for sizes when a spec is checked without any (only its names, kinds and params).
+_PLACEHOLDER = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
+
+
+def check_without_sizes(spec: ModuleSpec, allow_imports: tuple[str, ...] | list[str] = ()) -> list[Problem]:
+    """Every problem of a spec that needs no sizes: unknown names, wrong kinds, unknown slots, bad params."""
+    resolver = _Resolver(tuple(allow_imports), {"": _PLACEHOLDER}, sizes=False)
+    resolver.node(spec, _PLACEHOLDER, "")
+    return resolver.problems

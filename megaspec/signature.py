@@ -25,6 +25,8 @@ def type_name(hint: Any) -> str:
     if hint is Any or hint is inspect.Parameter.empty:
         return "any value"
     origin = get_origin(hint)
+    if origin is typing.Annotated:  # PositiveInt and the like: the base type names it
+        return type_name(get_args(hint)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(hint))
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):

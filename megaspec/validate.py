@@ -9,18 +9,28 @@ from typing import Sequence
 
 from megaspec.errors import Problem, SpecError
 
+NO_SIZES = ("sizes were not checked: the spec has no root `config:` and no model in conf/model uses it; "
+            "give --model NAME (or a root `config:`) to build it on the meta device too")
+
 
 def validate_file(path: str | Path, model: str | None = None,
                   allow_imports: tuple[str, ...] | list[str] = ()) -> tuple[list[Problem], str]:
-    """Return (problems, one-line summary) for a spec file; no problems means valid."""
+    """Return (problems, one-line summary) for a spec file; no problems means valid.
+
+    Without sizes, only what needs none is checked (names, kinds, slots, params); the
+    summary then says so (it is NO_SIZES). Import paths are allowed only by `allow_imports`.
+    """
     from megaspec.build import build_module, meta_forward
-    from megaspec.inputs import spec_file_inputs
+    from megaspec.inputs import NoSizes, spec_file_inputs
+    from megaspec.resolve import check_without_sizes
     from megaspec.summary import count_parameters
 
     shown = str(path)
     try:
         spec, configs, _ = spec_file_inputs(Path(path), shown, model)
         built = build_module(spec, configs, device="meta", allow_imports=tuple(allow_imports))
+    except NoSizes as exc:
+        return check_without_sizes(exc.spec, tuple(allow_imports)), NO_SIZES
     except SpecError as exc:
         return exc.problems, ""
     try:
@@ -50,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         if problems:
             bad += 1
-        elif not args.quiet:
+        if summary == NO_SIZES:
+            print(f"{file}: {'' if problems else 'names, kinds and params ok; '}{NO_SIZES}",
+                  file=sys.stderr if problems else sys.stdout)
+        elif not problems and not args.quiet:
             print(f"{file}: ok ({summary})")
     return 1 if bad else 0

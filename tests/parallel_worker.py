@@ -25,13 +25,14 @@ from megaspec.parallel import ParallelConfig, local_batch, parallelize, train_st
 STEPS = 3
 BATCH, SEQ = 4, 16
 TINY = ["model.config.num_layers=2", "model.config.hidden_size=32", "model.config.num_attention_heads=4",
-        "model.config.ffn_hidden_size=64", "model.config.vocab_size=64", "model.config.max_position_embeddings=32",
+        "model.config.ffn_hidden_size=64", "model.config.vocab_size=64",
         "model.config.hidden_dropout=0.0", "model.config.attention_dropout=0.0"]
+POSITIONS = "model.config.max_position_embeddings=32"  # learned positions, or RoPE's table
 MODELS = {
-    "llama": ["model=llama", *TINY, "model.config.num_query_groups=2"],
-    "gpt": ["model=gpt2", *TINY],  # tied output layer
-    "mixtral": ["model=mixtral", *TINY, "model.config.num_query_groups=2", "model.config.num_moe_experts=4",
-                "model.config.moe_ffn_hidden_size=32", "model.config.moe_aux_loss_coeff=0.0"],
+    "llama": ["model=llama", *TINY, POSITIONS, "model.config.num_query_groups=2"],
+    "gpt": ["model=gpt2", *TINY, POSITIONS],  # tied output layer
+    "mixtral": ["model=mixtral", *TINY, POSITIONS, "model.config.num_query_groups=2", "model.config.num_moe_experts=4",
+                "model.config.ffn_hidden_size=32", "model.config.moe_aux_loss_coeff=0.0"],
     "t5": ["model=t5", *TINY, "model.config.kv_channels=8", "model.config.relative_attention_num_buckets=8",
            "model.config.relative_attention_max_distance=16"],
 }

@@ -23,7 +23,7 @@ VOCAB, SEQ, HEADS = 99, 12, 4
 
 TINY = TransformerConfig(
     num_layers=2, hidden_size=64, num_attention_heads=HEADS, ffn_hidden_size=128, vocab_size=VOCAB,
-    max_position_embeddings=32, layernorm_epsilon=1e-12, activation="gelu",
+    max_position_embeddings=32, layernorm_epsilon=1e-12,
     hidden_dropout=0.0, attention_dropout=0.0,
 )  # fmt: skip
 
@@ -181,7 +181,7 @@ def test_bert_base_parameter_count() -> None:
 
     base = TransformerConfig(
         num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072, vocab_size=30522,
-        max_position_embeddings=512, layernorm_epsilon=1e-12, activation="gelu",
+        max_position_embeddings=512, layernorm_epsilon=1e-12,
     )  # fmt: skip
     mlm = build_bert(base, mlm=True, device="meta")
     assert sum(p.numel() for p in mlm.parameters()) == 109_514_298

@@ -128,3 +128,42 @@ def test_unknown_command_suggests(tmp_path):
     result = megaspec("biuld", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown command 'biuld' (did you mean 'build'?)" in result.stderr
+
+
+def test_validate_without_sizes_reports_everything_that_needs_none(tmp_path):
+    """A copy of a shipped spec that no model file uses, with no --model and no root config:."""
+    broken = tmp_path / "my_copy_of_llama.yaml"
+    broken.write_text((ROOT / "specs" / "llama.yaml").read_text()
+                      .replace("core_attention: sdpa", "core_attention: spda")
+                      .replace("input_layernorm: rms_norm", "input_layernorm: mlp")
+                      .replace("params: {attn_mask_type: causal}", "params: {attn_mask_type: casual, dropout: 0.1}")
+                      .replace("    module: transformer_block", "    module: transformer_block\n"
+                               "    config: {ffn_hidden_size: wide}"))
+    result = megaspec("validate", str(broken), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{broken}:15: decoder.config.ffn_hidden_size: expected int or None, got 'wide'",
+        f"{broken}:21: decoder.layers[*].input_layernorm: 'mlp' is of kind mlp, but slot 'input_layernorm' of "
+        "transformer_layer takes norm",
+        f"{broken}:24: decoder.layers[*].self_attention.params.attn_mask_type: expected one of 'causal', 'padding', "
+        "'no_mask', got 'casual'",
+        f"{broken}:24: decoder.layers[*].self_attention.params.dropout: unknown param 'dropout'; accepted: "
+        "attn_mask_type",
+        f"{broken}:27: decoder.layers[*].self_attention.core_attention: unknown module 'spda' (did you mean "
+        "'sdpa'?); see `megaspec list`",
+        f"{broken}: sizes were not checked: the spec has no root `config:` and no model in conf/model uses it; "
+        "give --model NAME (or a root `config:`) to build it on the meta device too"]
+    fine = tmp_path / "my_mixtral.yaml"
+    fine.write_text((ROOT / "specs" / "mixtral.yaml").read_text())
+    ok = megaspec("validate", str(fine), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"{fine}: names, kinds and params ok; sizes were not checked: the spec has no " \
+                                "root `config:` and no model in conf/model uses it; give --model NAME (or a root " \
+                                "`config:`) to build it on the meta device too"
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(fine.read_text().replace("pattern: moe_layer_pattern", "pattern: moe_layer_patern"))
+    bad = megaspec("validate", str(typo), cwd=tmp_path)
+    assert bad.returncode == 1
+    assert bad.stderr.splitlines()[0] == (f"{typo}:19: decoder.layers.pattern: no config field 'moe_layer_patern' "
+                                          "(did you mean 'moe_layer_pattern'?)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import megaspec
 from megaspec import SpecError, build_model, compose
@@ -19,7 +20,10 @@ def test_composed_config_holds_config_and_inline_spec():
     assert cfg.model.config.num_query_groups == 8
     assert cfg.model.spec.module == "gpt_model"
     assert cfg.model.spec.submodules.decoder.submodules.final_layernorm == "rms_norm"
-    assert dict(cfg.sources) == {"model": "conf/model/llama.yaml", "spec": "specs/llama.yaml"}
+    assert dict(cfg.sources) == {"model": "conf/model/llama.yaml", "spec": "specs/llama.yaml",
+                                 "overrides": ["model=llama", "model.config.num_layers=4"]}
+    # Every field is there with its default, also those the model file does not set.
+    assert cfg.model.config.qk_layernorm is False and cfg.model.config.rope_scaling is None
 
 
 def test_size_override_changes_the_built_model():
@@ -32,15 +36,19 @@ def test_one_override_swaps_the_mlp_of_every_layer(toys):
     # A bare name replaces the whole node; the new module's slots take their defaults.
     model = build_model(compose([*TINY, f"{LAYER}.submodules.mlp=toy_mlp"]), device="meta")
     assert [type(layer.mlp).__name__ for layer in model.decoder.layers] == ["ToyMlp", "ToyMlp"]
-    # With params: remove the node, then add the new one (a dict override would merge into the old).
-    cfg = compose([*TINY, f"~{LAYER}.submodules.mlp", f"+{LAYER}.submodules.mlp={{module: toy_mlp, "
-                   "params: {ffn_hidden_size: 7}}"])
-    assert build_model(cfg, device="meta").decoder.layers[1].mlp.width == 7
+    # A node with params replaces the node there too, in one override (not merged into the old one).
+    cfg = compose([*TINY, f"{LAYER}.submodules.mlp={{module: toy_mlp, params: {{ffn_hidden_size: 7}}}}",
+                   "~model.config.ffn_hidden_size"])  # the param, not the config, sizes it now
+    assert OmegaConf.to_container(cfg.model.spec.submodules.decoder.submodules.layers.submodules.mlp) == {
+        "module": "toy_mlp", "params": {"ffn_hidden_size": 7}}
+    model = build_model(cfg, device="meta")
+    assert [layer.mlp.width for layer in model.decoder.layers] == [7, 7]
 
 
 def test_plus_and_tilde_and_group_choice():
     cfg = compose([*TINY, f"+{LAYER}.config.ffn_hidden_size=96", "~model.spec.submodules.position_embedding",
-                   "specs@model.spec=llama"])
+                   "specs@model.spec=llama", "~model.config.max_position_embeddings",
+                   "~model.config.ffn_hidden_size"])  # every layer's own ffn_hidden_size replaces it
     assert cfg.model.spec.submodules.decoder.submodules.layers.submodules.input_layernorm == "rms_norm"
     assert "position_embedding" not in cfg.model.spec.submodules
     model = build_model(cfg, device="meta")
@@ -61,7 +69,7 @@ def test_errors_from_overrides_and_files_are_located():
     assert str(info.value).startswith(
         "command line: decoder.layers[*].mlp: unknown module 'mlpp' (did you mean 'mlp'?)")
     with pytest.raises(SpecError) as info:
-        build_model(compose([*TINY, "+model.config.num_query_groups=3"]), device="meta")
+        build_model(compose([*TINY, "model.config.num_query_groups=3"]), device="meta")
     assert str(info.value) == ("command line: config: num_attention_heads (4) must be "
                                "divisible by num_query_groups (3)")
     with pytest.raises(SpecError) as info:
@@ -99,14 +107,15 @@ def test_slot_defaults_complete_a_bare_node():
             names[f"{layer}.mlp.linear_fc2"].name] == ["linear", "sdpa", "linear"]
 
 
-def test_config_flag_and_spec_must_agree_on_qk_layernorm():
+def test_structural_config_fields_are_decided_by_the_spec():
+    """qk_layernorm names a structural choice: the spec's q/k_layernorm slots make it, so the flag is refused."""
     with pytest.raises(SpecError) as info:
-        build_model(compose([*TINY, "+model.config.qk_layernorm=true"]), device="meta")
+        build_model(compose([*TINY, "model.config.qk_layernorm=true"]), device="meta")
     assert str(info.value) == (
-        "specs/gpt2.yaml:21: decoder.layers[*].self_attention: building 'self_attention' (SelfAttention) failed: "
-        "ValueError: config.qk_layernorm is True but the spec fills q_layernorm=False, k_layernorm=False; "
-        "fill both slots exactly when it is true")
+        "command line: config.qk_layernorm: set, but no module of this model reads it: the spec decides it "
+        "(decoder.layers[*].self_attention.k_layernorm: empty; decoder.layers[*].self_attention.q_layernorm: empty); "
+        "change the spec or remove the field")
     attn = f"{LAYER}.submodules.self_attention.submodules"
-    model = build_model(compose([*TINY, "+model.config.qk_layernorm=true", f"+{attn}.q_layernorm=layer_norm",
-                                 f"+{attn}.k_layernorm=layer_norm"]), device="meta")
+    model = build_model(compose([*TINY, f"+{attn}.q_layernorm=layer_norm", f"+{attn}.k_layernorm=layer_norm"]),
+                        device="meta")
     assert model.decoder.layers[0].self_attention.q_layernorm.weight.shape == (16,)

@@ -26,10 +26,11 @@ class CappedMlp(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.cap = config.mlp_output_cap
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.up = nn.Linear(config.hidden_size, config.ffn_size)
+        self.down = nn.Linear(config.ffn_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.cap * torch.tanh(self.proj(hidden_states) / self.cap)
+        return self.cap * torch.tanh(self.down(torch.relu(self.up(hidden_states))) / self.cap)
 
 
 @pytest.fixture
@@ -41,9 +42,11 @@ def capped():
 
 def test_declared_field_has_its_default_and_takes_overrides(capped) -> None:
     assert module_fields()["mlp_output_cap"].owner == "test_capped_mlp"
-    model = build_model(compose([*TINY["llama"], f"{MLP}=test_capped_mlp"]), device="meta")
+    model = build_model(compose([*TINY["gpt2"], f"{MLP}=test_capped_mlp"]), device="meta")
     assert model.decoder.layers[0].mlp.cap == 30.0
-    model = build_model(compose([*TINY["llama"], f"{MLP}=test_capped_mlp", "+model.config.mlp_output_cap=5"]),
+    # Present in the composed config with its default, so no `+` is needed.
+    assert compose([f"{MLP}=test_capped_mlp"]).model.config.mlp_output_cap == 30.0
+    model = build_model(compose([*TINY["gpt2"], f"{MLP}=test_capped_mlp", "model.config.mlp_output_cap=5"]),
                         device="meta")
     assert model.decoder.layers[0].mlp.cap == 5.0 and megaspec.build_record(model).config.mlp_output_cap == 5.0
 
@@ -58,7 +61,7 @@ def test_unregistering_removes_the_fields() -> None:
 
 def test_declared_field_is_type_checked_with_its_location(capped) -> None:
     with pytest.raises(SpecError) as exc:
-        build_model(compose([*TINY["llama"], f"{MLP}=test_capped_mlp", "+model.config.mlp_output_cap=big"]))
+        build_model(compose([*TINY["gpt2"], f"{MLP}=test_capped_mlp", "model.config.mlp_output_cap=big"]))
     assert str(exc.value) == "command line: config.mlp_output_cap: expected float, got 'big'"
 
 

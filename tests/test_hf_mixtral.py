@@ -39,7 +39,7 @@ def test_from_hf_routes_and_computes_as_hf() -> None:
     hf = tiny_mixtral()
     ours = from_hf(hf)
     config = megaspec.build_record(ours).configs[""]
-    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (4, 2, 48)
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_size) == (4, 2, 48)
     input_ids, _ = batch()
     want = expert_choices([b.mlp.gate for b in hf.model.layers], 2, lambda: hf(input_ids))
     got = expert_choices([layer.mlp.router for layer in ours.decoder.layers], 1, lambda: ours(input_ids))

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 import megaspec
 from megaspec import SpecError, build_model, build_module, compose
 from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
+from megaspec.spec import parse_spec
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +74,8 @@ def test_from_hf_matches_hf(v1_1: bool) -> None:
     hf = tiny_t5(v1_1)
     ours = from_hf(hf)
     config = megaspec.build_record(ours).configs[""]
-    assert (config.gated_linear_unit, config.activation) == ((True, "gelu_tanh") if v1_1 else (False, "relu"))
+    activation = megaspec.build_record(ours).modules["encoder.layers.0.mlp.activation"].name
+    assert (config.gated_linear_unit, activation) == ((True, "gelu_tanh") if v1_1 else (False, "relu"))
     # v1.0: the head reads the embedding and rescales; v1.1: its own weight, no rescale.
     assert config.share_embeddings_and_output_weights is not v1_1
     assert (ours.output_layer.weight is None) is not v1_1 and ours.output_scale == (1.0 if v1_1 else 64**-0.5)
@@ -153,6 +155,9 @@ def test_unsupported_options_are_named() -> None:
 
 def test_to_hf_refuses_what_hf_cannot_express() -> None:
     spec, configs = spec_from_hf(tiny_t5(True).config)
-    ours = build_module(spec, {"": configs[""].updated(activation="gelu")}, device="meta")
+    data = spec.to_dict()
+    for stack in ("encoder", "decoder"):
+        data["submodules"][stack]["submodules"]["layers"]["submodules"]["mlp"]["submodules"]["activation"] = "gelu"
+    ours = build_module(parse_spec(data), configs, device="meta")
     with pytest.raises(SpecError, match=r"t5: HF T5's gated GELU is the tanh approximation"):
         to_hf(ours)

@@ -260,9 +260,9 @@ def test_build_tiny_llava_prints_both_subtrees(tmp_path: Path) -> None:
 def test_any_language_model_spec_plugs_in() -> None:
     """The language model is a slot: another shipped spec replaces the Llama layout by one override."""
     cfg = compose(["model=llava", *TINY, "+specs@model.spec.submodules.language_model=gpt2",
-                   "model.config.language.normalization=LayerNorm", "model.config.language.gated_linear_unit=false",
-                   "model.config.language.activation=gelu_tanh", "model.config.language.add_bias_linear=true",
-                   "model.config.language.share_embeddings_and_output_weights=true"])
+                   "model.config.language.gated_linear_unit=false", "model.config.language.add_bias_linear=true",
+                   "model.config.language.share_embeddings_and_output_weights=true",
+                   "~model.config.language.rotary_base"])  # GPT-2's learned positions have no RoPE base
     model = build_model(cfg, device="meta")
     lm = model.language_model
     names = build_record(model).modules

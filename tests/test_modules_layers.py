@@ -112,7 +112,8 @@ def test_rope_interleaved_is_a_channel_permutation() -> None:
     half = RotaryEmbedding(config(position_embedding_type="rope"))(x, positions)[1]
     pairs = RotaryEmbedding(config(position_embedding_type="rope", rotary_interleaved=True))(x, positions)[1]
     to_pairs = torch.arange(8).view(2, 4).T.flatten()  # [0, 4, 1, 5, 2, 6, 3, 7]
-    got = apply_rotary(x[..., to_pairs], pairs, interleaved=True)
+    assert pairs[0].shape == (1, 6, 1, 4, 2)  # the shape says "adjacent pairs" to apply_rotary
+    got = apply_rotary(x[..., to_pairs], pairs)
     torch.testing.assert_close(got, apply_rotary(x, half)[..., to_pairs])
 
 

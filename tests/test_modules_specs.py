@@ -18,13 +18,12 @@ SPECS = Path(__file__).resolve().parent.parent / "specs"
 
 GPT2_SMALL = TransformerConfig(
     num_layers=12, hidden_size=768, num_attention_heads=12, vocab_size=50257,
-    max_position_embeddings=1024, activation="gelu_tanh",
+    max_position_embeddings=1024,
 )  # fmt: skip
 LLAMA3_8B = TransformerConfig(
     num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
     ffn_hidden_size=14336, vocab_size=128256, max_position_embeddings=8192,
-    normalization="RMSNorm", activation="silu", gated_linear_unit=True, add_bias_linear=False,
-    position_embedding_type="rope", rotary_base=500000.0, share_embeddings_and_output_weights=False,
+    gated_linear_unit=True, add_bias_linear=False, rotary_base=500000.0, share_embeddings_and_output_weights=False,
     hidden_dropout=0.0, attention_dropout=0.0,
 )  # fmt: skip
 

@@ -114,11 +114,12 @@ def test_shared_experts_with_sigmoid_gate() -> None:
     torch.testing.assert_close(layer(x[None]), routed(x[None]) + shared(x)[None])
 
 
-def test_shared_experts_slot_must_agree_with_the_config() -> None:
-    config = moe_config(moe_shared_expert_intermediate_size=20)
-    message = "moe_shared_expert_intermediate_size is set but the shared_experts slot is empty"
-    with pytest.raises(ValueError, match=message):
-        MoELayer(config, router=TopKRouter(config), experts=GroupedExperts(config))
+def test_shared_experts_need_their_size() -> None:
+    """The spec's shared_experts slot decides whether there are shared experts; they need their width."""
+    config = moe_config()
+    with pytest.raises(ValueError, match="shared_expert_mlp needs config.moe_shared_expert_intermediate_size"):
+        SharedExpertMLP(config, linear_fc1=functools.partial(Linear, config),
+                        linear_fc2=functools.partial(Linear, config))
 
 
 def test_compiles_as_one_graph() -> None:

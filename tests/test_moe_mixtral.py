@@ -20,8 +20,8 @@ MIXTRAL_8X7B = 46_702_792_704
 VOCAB, SEQ = 101, 12
 TINY = [
     "model=mixtral", "model.config.num_layers=2", "model.config.hidden_size=64",
-    "model.config.num_attention_heads=4", "model.config.num_query_groups=2", "model.config.ffn_hidden_size=96",
-    "model.config.moe_ffn_hidden_size=48", "model.config.num_moe_experts=4", f"model.config.vocab_size={VOCAB}",
+    "model.config.num_attention_heads=4", "model.config.num_query_groups=2", "model.config.ffn_hidden_size=48",
+    "model.config.num_moe_experts=4", f"model.config.vocab_size={VOCAB}",
     "model.config.max_position_embeddings=64",
 ]  # fmt: skip
 
@@ -50,12 +50,14 @@ def test_mixtral_8x7b_matches_hf_parameter_count() -> None:
 
 
 def test_moe_layer_freq_is_one_override() -> None:
-    every_other = build_model(compose([*TINY, "model.config.num_layers=4", "model.config.moe_layer_freq=2"]),
+    every_other = build_model(compose([*TINY, "model.config.num_layers=4", "model.config.moe_layer_freq=2",
+                                       "model.config.moe_ffn_hidden_size=24"]),
                               device="meta")  # fmt: skip
     kinds = [type(layer.mlp) for layer in every_other.decoder.layers]
     assert kinds == [MoELayer, MLP, MoELayer, MLP]
     assert len(every_other.aux_loss_modules) == 2
-    listed = build_model(compose([*TINY, "model.config.num_layers=3", "model.config.moe_layer_freq=[0,0,1]"]),
+    listed = build_model(compose([*TINY, "model.config.num_layers=3", "model.config.moe_layer_freq=[0,0,1]",
+                                 "model.config.moe_ffn_hidden_size=24"]),
                          device="meta")  # fmt: skip
     assert [type(layer.mlp) for layer in listed.decoder.layers] == [MLP, MLP, MoELayer]
 
@@ -177,8 +179,8 @@ def test_moe_without_experts_is_a_located_error() -> None:
 
 def test_shared_experts_through_the_spec() -> None:
     moe = "model.spec.submodules.decoder.submodules.layers.nodes.moe.submodules.mlp.submodules"
-    cfg = compose([*TINY, "+model.config.moe_shared_expert_intermediate_size=32",
-                   "+model.config.moe_shared_expert_gate=true", f"+{moe}.shared_experts=shared_expert_mlp"])  # fmt: skip
+    cfg = compose([*TINY, "model.config.moe_shared_expert_intermediate_size=32",
+                   "model.config.moe_shared_expert_gate=true", f"+{moe}.shared_experts=shared_expert_mlp"])  # fmt: skip
     model = build_model(cfg)
     shared = model.decoder.layers[0].mlp.shared_experts
     assert shared.linear_fc1.weight.shape == (64, 64) and shared.gate_weight.shape == (1, 64)

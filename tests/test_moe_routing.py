@@ -218,10 +218,11 @@ def test_expert_bias_balancing_counts_every_micro_batch_and_nudges_the_load():
 
     model = build_model(compose([
         "model=mixtral", "model.config.num_layers=1", "model.config.hidden_size=32",
-        "model.config.num_attention_heads=4", "model.config.num_query_groups=2", "model.config.moe_ffn_hidden_size=16", "model.config.num_moe_experts=4",
+        "model.config.num_attention_heads=4", "model.config.num_query_groups=2", "model.config.ffn_hidden_size=16",
+        "model.config.num_moe_experts=4",
         "model.config.vocab_size=50", "model.config.max_position_embeddings=16",
-        "+model.config.moe_router_score_function=sigmoid", "+model.config.moe_router_enable_expert_bias=true",
-        "+model.config.moe_router_bias_update_rate=0.5"]))
+        "model.config.moe_router_score_function=sigmoid", "model.config.moe_router_enable_expert_bias=true",
+        "model.config.moe_router_bias_update_rate=0.5"]))
     updater = ExpertBiasUpdater(model)
     layer = updater.layers[0]
     seen = torch.zeros(4)

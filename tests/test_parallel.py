@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY
 
 import megaspec
 from megaspec import SpecError, TransformerConfig
@@ -155,3 +156,12 @@ def test_expert_parallel_checkpoints_resume_across_layouts(runs):
     # And back: saved in one process, resumed with EP=2.
     reference = worker.run_scenario("ep")["losses"][-1]
     assert results["ep"]["resumed_from_world1"] == pytest.approx(reference, abs=1e-5)
+
+
+def test_tensor_parallel_refuses_qk_norm_before_any_process_group():
+    attn = "model.spec.submodules.decoder.submodules.layers.submodules.self_attention.submodules"
+    model = megaspec.build_model(megaspec.compose([*TINY["llama"], f"+{attn}.q_layernorm=rms_norm",
+                                                   f"+{attn}.k_layernorm=rms_norm"]), device="meta")
+    with pytest.raises(SpecError, match=r"QK-norm \(decoder.layers.0.self_attention.q_layernorm\) is not "
+                                        r"supported with tensor_model_parallel_size > 1 yet"):
+        parallelize(model, ParallelConfig(tensor_model_parallel_size=2))

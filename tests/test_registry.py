@@ -121,9 +121,9 @@ def test_installed_plugin_shows_in_list_without_import(plugin_site, tmp_path):
 
 
 def test_installed_plugin_fills_a_slot_from_the_command_line(plugin_site, tmp_path):
-    result = _run(["build", "model=llama", "model.config.num_layers=2", "model.config.hidden_size=64",
-                   "model.config.num_attention_heads=4", "model.config.num_query_groups=2",
-                   "model.config.ffn_hidden_size=128", "model.config.vocab_size=100",
+    result = _run(["build", "model.config.num_layers=2", "model.config.hidden_size=64",
+                   "model.config.num_attention_heads=4", "model.config.vocab_size=100",
+                   "~model.config.ffn_hidden_size",  # demo_mlp has no hidden layer to size
                    "model.spec.submodules.decoder.submodules.layers.submodules.mlp=demo_mlp",
                    "build.seq_len=8"], plugin_site, tmp_path)
     assert result.returncode == 0, result.stderr

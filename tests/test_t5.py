@@ -26,11 +26,10 @@ SRC, TGT = 24, 9  # encoder / decoder lengths; 24 > max_distance below, so far b
 
 TINY_V1 = TransformerConfig(
     num_layers=2, hidden_size=64, num_attention_heads=HEADS, kv_channels=16, ffn_hidden_size=128,
-    vocab_size=VOCAB, normalization="RMSNorm", layernorm_epsilon=1e-6, activation="relu",
-    add_bias_linear=False, position_embedding_type="relative", relative_attention_num_buckets=8,
+    vocab_size=VOCAB, layernorm_epsilon=1e-6, add_bias_linear=False, relative_attention_num_buckets=8,
     relative_attention_max_distance=16, hidden_dropout=0.0, attention_dropout=0.0,
 )  # fmt: skip
-TINY_V1_1 = TINY_V1.updated(activation="gelu_tanh", gated_linear_unit=True, share_embeddings_and_output_weights=False)
+TINY_V1_1 = TINY_V1.updated(gated_linear_unit=True, share_embeddings_and_output_weights=False)
 
 
 def t5_spec(name: str, core_attention: str = "sdpa") -> dict[str, Any]:

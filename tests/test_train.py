@@ -155,9 +155,9 @@ def test_unsupported_expert_checkpoint_layouts_are_refused_before_training():
 
 
 def test_expert_bias_balancing_runs_in_the_training_loop(tmp_path):
-    moe = ["model=mixtral", "model.config.num_query_groups=2", "model.config.moe_ffn_hidden_size=32",
-           "model.config.num_moe_experts=4", "+model.config.moe_router_score_function=sigmoid",
-           "+model.config.moe_router_enable_expert_bias=true", "trainer.export=true"]
+    moe = ["model=mixtral", "model.config.num_query_groups=2", "model.config.ffn_hidden_size=32",
+           "model.config.num_moe_experts=4", "model.config.moe_router_score_function=sigmoid",
+           "model.config.moe_router_enable_expert_bias=true", "trainer.export=true"]
     records = run(tmp_path, *moe, name="moe")
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
     model = load_checkpoint(tmp_path / "moe" / "model")
@@ -165,3 +165,16 @@ def test_expert_bias_balancing_runs_in_the_training_loop(tmp_path):
     # Three steps of +-rate nudges: the biases moved, and by whole multiples of the rate.
     assert bias.abs().sum() > 0
     assert torch.allclose(bias / 1e-3, (bias / 1e-3).round(), atol=1e-3)
+
+
+def test_resume_compares_configs_with_their_defaults_filled_in():
+    """Checkpoints record the fields a config was given; one left out has its default on both sides."""
+    from megaspec.train.checkpoint import _config_changes
+
+    saved = {"config": {"num_layers": 2, "hidden_size": 64}}
+    assert _config_changes(saved, {"config": {"num_layers": 2, "hidden_size": 64, "vocab_size": 32000}}) == []
+    assert _config_changes(saved, {"config": {"num_layers": 2, "hidden_size": 64, "vocab_size": 256}}) == [
+        "config.vocab_size: 32000 -> 256"]
+    named = {"language": {"num_layers": 2, "rope_scaling": {"factor": 8.0}}}
+    assert _config_changes(named, {"language": {"num_layers": 2, "rope_scaling": {"factor": 2.0}}}) == [
+        "language.rope_scaling: {'factor': 8.0} -> {'factor': 2.0}"]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-_TEXT = ["num_layers=2", "hidden_size=32", "num_attention_heads=4", "ffn_hidden_size=64", "vocab_size=64",
-         "max_position_embeddings=32", "hidden_dropout=0.0", "attention_dropout=0.0"]
+_SIZES = ["num_layers=2", "hidden_size=32", "num_attention_heads=4", "ffn_hidden_size=64", "vocab_size=64",
+          "hidden_dropout=0.0", "attention_dropout=0.0"]
+_TEXT = [*_SIZES, "max_position_embeddings=32"]  # a position table: learned, or RoPE's precomputed angles
 
 _SPARSE = [f for f in _TEXT if not f.startswith("ffn_hidden_size")]  # every layer MoE: no dense MLP to size
 # DeepSeek: small latent ranks and head parts, 8 experts, the first layer dense.
@@ -27,9 +28,9 @@ TINY: dict[str, list[str]] = {
                                                                    "moe_router_group_topk=2"])],
     "deepseek_v2_lite": ["model=deepseek_v2_lite", *_fields("model.config", _TEXT + _MLA)],
     "bert": ["model=bert", *_fields("model.config", _TEXT)],
-    "t5": ["model=t5", *_fields("model.config", [*_TEXT, "relative_attention_num_buckets=8",
+    "t5": ["model=t5", *_fields("model.config", [*_SIZES, "relative_attention_num_buckets=8",
                                                  "relative_attention_max_distance=16"])],
-    "t5_v1_1": ["model=t5_v1_1", *_fields("model.config", [*_TEXT, "relative_attention_num_buckets=8",
+    "t5_v1_1": ["model=t5_v1_1", *_fields("model.config", [*_SIZES, "relative_attention_num_buckets=8",
                                                            "relative_attention_max_distance=16"])],
     "qwen2": ["model=qwen2", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
     "qwen3": ["model=qwen3", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
@@ -49,7 +50,6 @@ TINY: dict[str, list[str]] = {
                                                          "window_size=[3,0]"])],
     "llava": ["model=llava", *_fields("model.config.language", [*_TEXT, "num_query_groups=2"]),
               *_fields("model.config.vision", ["num_layers=2", "hidden_size=32", "num_attention_heads=4",
-                                               "ffn_hidden_size=64", "image_size=28", "patch_size=7",
-                                               "max_position_embeddings=17"]),
+                                               "ffn_hidden_size=64", "image_size=28", "patch_size=7"]),
               "model.spec.params.image_token_index=63"],
 }

@@ -95,4 +95,4 @@ def unregister_toys() -> None:
         unregister(name)
 
 
-TOY_CONFIG = dict(num_layers=3, hidden_size=8, num_attention_heads=2, vocab_size=16, max_position_embeddings=16)
+TOY_CONFIG = dict(num_layers=3, hidden_size=8, num_attention_heads=2)

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 import megaspec
 from megaspec.build import materialize
+from megaspec.compose import given_config
 from megaspec.config import TransformerConfig
 from megaspec.interop.hf import from_hf
 from megaspec.models.gpt import GPTModel
@@ -385,7 +385,7 @@ def direct_gpt(config: TransformerConfig, llama: bool) -> GPTModel:
 
 def model_fields(sizes: GPT2Sizes | LlamaSizes) -> dict[str, Any]:
     """The TransformerConfig fields of a shape, as plain data (what a user's config file holds)."""
-    fields = OmegaConf.to_container(megaspec.compose(sizes.overrides()).model.config, resolve=True)
+    fields = given_config(megaspec.compose(sizes.overrides()))  # the defaults only fill in the rest
     assert isinstance(fields, dict)
     return fields
 

@@ -45,7 +45,8 @@ class BertModel(nn.Module):
         lm_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+        # Only a masked-LM head can share the word embedding's weight.
+        self.share_embeddings_and_output_weights = lm_head is not None and config.share_embeddings_and_output_weights
         self.embedding_dropout = config.hidden_dropout
         self.embedding = embedding
         self.token_type_embedding = token_type_embedding

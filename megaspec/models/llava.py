@@ -62,7 +62,9 @@ class LLaVAModel(nn.Module):
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """pixel_values [n, c, H, W] -> [n, num_image_tokens, h]: the chosen layer's tokens, projected."""
         hidden = self.vision_model.hidden_states(pixel_values, self.vision_feature_layer)  # [n, cls + p, hv]
-        return self.vision_projection(hidden[:, self.feature_start :])  # [n, t, h]
+        # The tower may hold another params_dtype than the projector (its own named config).
+        dtype = next(self.vision_projection.parameters()).dtype
+        return self.vision_projection(hidden[:, self.feature_start :].to(dtype))  # [n, t, h]
 
     def forward(
         self,

@@ -134,9 +134,6 @@ def check_parallel(model_config: Any, parallel_config: Any, world_size: int) -> 
             if c.num_moe_experts is not None:
                 _divides(problems, tp, name, c.moe_ffn_size, f"{where}moe_ffn_hidden_size",
                          "experts are split by column")
-            if c.qk_layernorm:
-                problems.append(Problem("qk_layernorm is not supported with tensor_model_parallel_size > 1 yet",
-                                        f"parallel.{name}"))
         if ep > 1 and c.num_moe_experts is not None:
             _divides(problems, ep, "expert_model_parallel_size", c.num_moe_experts, f"{where}num_moe_experts",
                      f"each rank holds num_moe_experts / {ep} experts")

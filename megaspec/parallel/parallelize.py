@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from megaspec.errors import SpecError
 from megaspec.parallel.config import ParallelConfig, parallel_config, validate_parallel
 from megaspec.parallel.expert import apply_ep
 from megaspec.parallel.fsdp import apply_fsdp
@@ -70,6 +71,9 @@ def parallelize(model: nn.Module, cfg: Any, mesh: DeviceMesh | None = None, *,
     pc = parallel_config(cfg)
     world = world_size()
     record = build_record(model)
+    qk_norms = [path for path in record.modules if path.rsplit(".", 1)[-1] in ("q_layernorm", "k_layernorm")]
+    if qk_norms and pc.tensor_model_parallel_size > 1:  # the spec's choice, so checked on the model
+        raise SpecError(f"QK-norm ({qk_norms[0]}) is not supported with tensor_model_parallel_size > 1 yet")
     validate_parallel(record.configs, pc, world)
     if mesh is None and world > 1:
         mesh = build_mesh(pc)

@@ -3,7 +3,8 @@
 Each process writes its own shards of the model and optimizer state under
 `<dir>/step_<N>/`; the keys are the model's fully-qualified parameter names,
 so a checkpoint saved at one world size (or parallel layout) loads at another.
-Expert-parallel weights are saved as the global [E, ...] tensors, sharded by expert.
+Expert-parallel weights are saved as the global [E, ...] tensors, sharded by expert;
+a tensor-parallel [gate | up] weight as [2, ffn, h] (see megaspec.train.fused).
 Checkpoints are read through megaspec.train.safe_dcp: nothing in one is unpickled but DCP's own index.
 """
 
@@ -24,10 +25,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from megaspec.configs import field_defaults
 from megaspec.errors import SpecError
 from megaspec.parallel.expert import globalize_experts, localize_experts, unsupported_expert_checkpoint
 from megaspec.parallel.parallelize import parallel_state
 from megaspec.source import read_limited
+from megaspec.train.fused import fused_parameters, halves_for_checkpoint, joined
 from megaspec.train.safe_dcp import SafePlanner, SafeReader
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -38,15 +41,20 @@ class TrainState(Stateful):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int = 0) -> None:
         self.model, self.optimizer, self.step = model, optimizer, step
+        self.stored: dict[str, torch.Size] | None = None  # when loading: the shapes the checkpoint holds
+        self._bases: dict[tuple[str, str], torch.Tensor] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """Sharded state dicts keyed by parameter name (world-size independent)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         model_sd, optim_sd = globalize_experts(self.model, _mesh(self.model), model_sd, optim_sd)
+        model_sd, optim_sd, self._bases = halves_for_checkpoint(model_sd, optim_sd, fused_parameters(self.model),
+                                                                self.stored)
         return {"model": model_sd, "optim": optim_sd, "step": torch.tensor(self.step)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load in place into the (possibly sharded) model and optimizer."""
+        joined(state_dict["model"], state_dict["optim"], self._bases)
         model_sd, optim_sd = localize_experts(self.model, _mesh(self.model), state_dict["model"], state_dict["optim"])
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.step = int(state_dict["step"])
@@ -83,6 +91,12 @@ def save(state: TrainState, directory: Path, extra: dict[str, Any] | None = None
     return path
 
 
+def stored_shapes(path: Path) -> dict[str, torch.Size]:
+    """DCP key -> shape of each tensor a checkpoint holds."""
+    metadata = SafeReader(path).read_metadata()  # the index only, unpickled with the restricted unpickler
+    return {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step directory as given, or the latest `step_<N>` inside a checkpoints directory."""
     p = Path(path)
@@ -101,15 +115,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """'field: saved -> now' for every model config field that differs (named configs as name.field)."""
+    """'field: saved -> now' for every model config field that differs (named configs as name.field).
+
+    A field one side leaves out has its default (a config records the fields it was given).
+    """
+    defaults = field_defaults()
+
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+            named = isinstance(v, dict) and k not in defaults  # a named config, not a dict-valued field
+            out.update(flat(v, f"{prefix}{k}.") if named else {f"{prefix}{k}": v})
         return out
 
     a, b = flat(saved), flat(now)
-    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    def value(side: dict[str, Any], key: str) -> Any:
+        return side[key] if key in side else defaults.get(key.rsplit(".", 1)[-1])
+
+    return [f"{k}: {value(a, k)} -> {value(b, k)}" for k in sorted(set(a) | set(b)) if value(a, k) != value(b, k)]
 
 
 def load(state: TrainState, path: str | Path, model_config: dict[str, Any] | None = None) -> Path:
@@ -134,6 +158,7 @@ def load(state: TrainState, path: str | Path, model_config: dict[str, Any] | Non
     except SpecError as exc:
         raise SpecError(f"trainer.resume: {exc}") from None
     try:
+        state.stored = stored_shapes(found)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is .*")
             dcp.load({"train": state}, storage_reader=SafeReader(found), planner=SafePlanner())
@@ -163,9 +188,11 @@ def export(path: Path, spec: Any, configs: Any, allow: tuple[str, ...], target: 
     # Built and initialised as usual, so buffers that no checkpoint holds (RoPE tables) are set.
     model = materialize(build_module(spec, configs, device="meta", allow_imports=allow), "cpu")
     weights = model.state_dict()
+    weights, _, bases = halves_for_checkpoint(weights, {}, fused_parameters(model), stored_shapes(path))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is .*")
         dcp.load({"train": {"model": weights}}, storage_reader=SafeReader(path), planner=SafePlanner(),
                  no_dist=True)
+    joined(weights, {}, bases)
     model.load_state_dict(weights)
     return save_model(model, target)

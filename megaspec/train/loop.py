@@ -292,7 +292,8 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
     if opts.get("save_every") or opts.get("save_final", True) or opts.get("export", True) or opts.get("resume"):
         checkpoint.check_saveable(model)
     # Recorded in every checkpoint, so resuming a differently sized model fails with the difference.
-    model_config = {name or "config": c.model_dump(mode="json") for name, c in configs.items()}
+    model_config = {name or "config": {k: v for k, v in c.model_dump(mode="json").items() if k in c.model_fields_set}
+                    for name, c in configs.items()}
     if opts.get("resume"):
         found = checkpoint.load(state, opts["resume"], model_config)
         out(f"resumed from {found} at step {state.step}")

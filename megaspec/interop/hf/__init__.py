@@ -212,7 +212,7 @@ def match_family(spec: ModuleSpec, configs: Configs, hf_class: str | None = None
     reasons = []
     for family in families:
         try:
-            hf_config = family.hf_config_from(spec.to_dict(), configs)
+            hf_config = family.hf_config(spec.to_dict(), configs)
             spec_data, config_data = family.spec_and_config(hf_config)
         except (SpecError, KeyError, TypeError, ValueError, *_hf_config_errors()) as exc:
             reasons.append(f"{family.name}: {exc}")

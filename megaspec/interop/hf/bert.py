@@ -22,6 +22,7 @@ from megaspec.interop.hf.core import (
     node_at,
     rule,
     shipped_spec,
+    spec_activation,
     split_qkv,
     unsupported,
 )
@@ -54,29 +55,28 @@ class Bert(Family):
             "ffn_hidden_size": c.intermediate_size,
             "vocab_size": c.vocab_size,
             "max_position_embeddings": c.max_position_embeddings,
-            "normalization": "LayerNorm",
             "layernorm_epsilon": c.layer_norm_eps,
-            "activation": act,
             "add_bias_linear": True,
-            "position_embedding_type": "learned_absolute",
-            "share_embeddings_and_output_weights": c.tie_word_embeddings,
             "hidden_dropout": c.hidden_dropout_prob,
             "attention_dropout": c.attention_probs_dropout_prob,
             "init_method_std": c.initializer_range,
         }
         return spec, config
 
-    def hf_config(self, configs: Configs, num_token_types: int = 2) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
+        # HF's type_vocab_size is the token-type embedding's param in the spec.
+        node = spec.get("submodules", {}).get("token_type_embedding") or {}
+        num_token_types = node.get("params", {}).get("num_token_types", 2) if isinstance(node, dict) else 2
         return transformers.BertConfig(
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
             num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_attention_heads,
             intermediate_size=cfg.ffn_size,
-            hidden_act=hf_activation(cfg.activation),
+            hidden_act=hf_activation(spec_activation(spec, "encoder.layers.mlp.activation")),
             hidden_dropout_prob=cfg.hidden_dropout,
             attention_probs_dropout_prob=cfg.attention_dropout,
             max_position_embeddings=cfg.max_position_embeddings,
@@ -85,11 +85,6 @@ class Bert(Family):
             layer_norm_eps=cfg.layernorm_epsilon,
             tie_word_embeddings=cfg.share_embeddings_and_output_weights,
         )
-
-    def hf_config_from(self, spec: dict[str, Any], configs: Configs) -> Any:
-        # HF's type_vocab_size is the token-type embedding's param in the spec.
-        node = spec.get("submodules", {}).get("token_type_embedding") or {}
-        return self.hf_config(configs, node.get("params", {}).get("num_token_types", 2))
 
     def hf_state(self, hf_model: Any) -> dict[str, torch.Tensor]:
         check_class(hf_model, "BERT", "BertModel", "BertForMaskedLM")
@@ -113,7 +108,9 @@ class BertForMaskedLM(Bert):
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         spec, config = super().spec_and_config(c)
         del spec["submodules"]["pooler"]
-        spec["submodules"]["lm_head"] = "bert_lm_head"  # its activation and norm follow the config
+        spec["submodules"]["lm_head"] = "bert_lm_head"  # its empty activation slot follows the config
+        config["activation"] = activation(c.hidden_act, "BERT")
+        config["share_embeddings_and_output_weights"] = c.tie_word_embeddings
         return spec, config
 
     def rules(self, configs: Configs) -> list[Rule]:

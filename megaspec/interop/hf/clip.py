@@ -23,10 +23,12 @@ from megaspec.interop.hf.core import (
     node_at,
     rule,
     shipped_spec,
+    spec_activation,
     split_qkv,
 )
 
-# The tower reads neither a vocabulary, a position limit (its positions are one per patch) nor a tie.
+# The tower reads neither a vocabulary, a position limit (its positions are one per patch) nor a tie:
+# a config for it cannot set them, and HF's values for them are not compared.
 VISION_UNREAD = frozenset({"vocab_size", "max_position_embeddings", "share_embeddings_and_output_weights"})
 
 
@@ -48,20 +50,16 @@ def vision_config(c: Any, architecture: str) -> dict[str, Any]:
         "image_size": c.image_size,
         "patch_size": c.patch_size,
         "num_channels": c.num_channels,
-        "max_position_embeddings": (c.image_size // c.patch_size) ** 2 + 1,  # patches + the class token
-        "normalization": "LayerNorm",
         "layernorm_epsilon": c.layer_norm_eps,
-        "activation": activation(c.hidden_act, architecture),
         "add_bias_linear": True,
-        "position_embedding_type": "learned_absolute",
         "hidden_dropout": 0.0,
         "attention_dropout": c.attention_dropout,
         "init_method_std": c.initializer_range,
     }
 
 
-def hf_vision_config(cfg: TransformerConfig) -> Any:
-    """TransformerConfig -> HF CLIPVisionConfig."""
+def hf_vision_config(spec: dict[str, Any], cfg: TransformerConfig) -> Any:
+    """The tower's spec node and TransformerConfig -> HF CLIPVisionConfig."""
     import transformers
 
     return transformers.CLIPVisionConfig(
@@ -72,7 +70,7 @@ def hf_vision_config(cfg: TransformerConfig) -> Any:
         num_channels=cfg.num_channels,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
-        hidden_act=hf_activation(cfg.activation),
+        hidden_act=hf_activation(spec_activation(spec, "encoder.layers.mlp.activation")),
         layer_norm_eps=cfg.layernorm_epsilon,
         attention_dropout=cfg.attention_dropout,
         initializer_range=cfg.init_method_std,
@@ -123,8 +121,8 @@ class CLIPVision(Family):
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         return vision_spec(c, "CLIP vision"), vision_config(c, "CLIP vision")
 
-    def hf_config(self, configs: Configs) -> Any:
-        return hf_vision_config(configs[""])
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
+        return hf_vision_config(spec, configs[""])
 
     def hf_state(self, hf_model: Any) -> dict[str, Tensor]:
         check_class(hf_model, "CLIP's vision tower", self.hf_class)  # not ...WithProjection: no projection slot

@@ -225,12 +225,12 @@ class Family(ABC):
         """HF config -> (spec tree as plain data, TransformerConfig fields or named configs)."""
 
     @abstractmethod
-    def hf_config(self, configs: Configs) -> Any:
-        """megaspec config(s) -> an HF config object."""
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
+        """megaspec spec (plain data) and config(s) -> an HF config object.
 
-    def hf_config_from(self, spec: dict[str, Any], configs: Configs) -> Any:
-        """megaspec spec (plain data) and config(s) -> an HF config; override where HF options live in spec params."""
-        return self.hf_config(configs)
+        HF options that are structure in megaspec (activations, a token-type table's size)
+        are read from the spec, the rest from the config.
+        """
 
     def adapt_hf(self, hf_model: Any, configs: Configs) -> None:
         """Adjust a freshly built HF model before to_hf loads weights into it (e.g. untie a head); default: nothing."""
@@ -301,6 +301,19 @@ def set_activations(spec: Any, name: str) -> None:
             set_activations(value, name)
 
 
+def spec_activation(spec: dict[str, Any], path: str) -> str:
+    """The activation module named at a dotted slot path of spec data (through a pattern's `nodes` too)."""
+    node: Any = spec
+    for part in path.split("."):
+        if isinstance(node, str):
+            node = {"module": node}
+        subs = node.get("submodules", {}) if isinstance(node, dict) else {}
+        node = subs[part] if part in subs else (node.get(part) if isinstance(node, dict) else None)
+        if node is None:
+            raise SpecError(f"the spec has no module at '{path}'")
+    return node if isinstance(node, str) else node["module"]
+
+
 def activation(hf_name: str, architecture: str) -> str:
     """HF activation name -> megaspec's, or a clear error."""
     if hf_name not in ACTIVATIONS:
@@ -337,5 +350,5 @@ def canonical(config: TransformerConfig) -> dict[str, Any]:
     """Config fields with derived sizes written out, so equal models compare equal."""
     data = config.model_dump(mode="json")
     data.update(num_query_groups=config.query_groups, kv_channels=config.head_dim,
-                ffn_hidden_size=config.ffn_size)
+                ffn_hidden_size=config.ffn_size, moe_ffn_hidden_size=config.moe_ffn_size)
     return data

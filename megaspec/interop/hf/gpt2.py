@@ -15,6 +15,7 @@ from megaspec.interop.hf.core import (
     hf_activation,
     rule,
     shipped_spec,
+    spec_activation,
     split_qkv,
     token_ids,
     transposed,
@@ -47,11 +48,8 @@ class GPT2(Family):
             "ffn_hidden_size": c.n_inner or 4 * c.n_embd,
             "vocab_size": c.vocab_size,
             "max_position_embeddings": c.n_positions,
-            "normalization": "LayerNorm",
             "layernorm_epsilon": c.layer_norm_epsilon,
-            "activation": act,
             "add_bias_linear": True,
-            "position_embedding_type": "learned_absolute",
             "share_embeddings_and_output_weights": c.tie_word_embeddings,
             # HF's embd_pdrop has no twin: megaspec drops the embeddings with hidden_dropout.
             "hidden_dropout": c.resid_pdrop,
@@ -60,7 +58,7 @@ class GPT2(Family):
         }
         return spec, config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
@@ -72,7 +70,7 @@ class GPT2(Family):
             vocab_size=cfg.vocab_size,
             n_positions=cfg.max_position_embeddings,
             layer_norm_epsilon=cfg.layernorm_epsilon,
-            activation_function=hf_activation(cfg.activation),
+            activation_function=hf_activation(spec_activation(spec, "decoder.layers.mlp.activation")),
             tie_word_embeddings=cfg.share_embeddings_and_output_weights,
             resid_pdrop=cfg.hidden_dropout,
             embd_pdrop=cfg.hidden_dropout,

@@ -23,11 +23,12 @@ from megaspec.interop.hf.core import (
     node_at,
     rule,
     shipped_spec,
+    spec_activation,
     split_qkv,
     token_ids,
     unsupported,
 )
-from megaspec.interop.hf.moe import aux_loss_coeff, hf_aux_loss
+from megaspec.interop.hf.moe import aux_loss_coeff
 from megaspec.interop.hf.rope import hf_rope, partial_rope_fields, rope_fields, rope_parameters
 
 __all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "partial_rope_fields", "rope_fields",
@@ -61,12 +62,9 @@ class Llama(Family):
             "ffn_hidden_size": c.intermediate_size,
             "vocab_size": c.vocab_size,
             "max_position_embeddings": c.max_position_embeddings,
-            "normalization": "RMSNorm",
             "layernorm_epsilon": c.rms_norm_eps,
-            "activation": act,
             "gated_linear_unit": True,
             "add_bias_linear": attention_bias,
-            "position_embedding_type": "rope",
             **self.rope(c),
             "share_embeddings_and_output_weights": c.tie_word_embeddings,
             "hidden_dropout": 0.0,
@@ -83,7 +81,14 @@ class Llama(Family):
         """TransformerConfig RoPE fields for the HF config."""
         return rope_fields(c, self.architecture)
 
-    def hf_kwargs(self, cfg: TransformerConfig) -> dict[str, Any]:
+    # Where the spec names the MLP's activation (HF's hidden_act).
+    activation_path = "decoder.layers.mlp.activation"
+
+    def hidden_act(self, spec: dict[str, Any], cfg: TransformerConfig) -> str:
+        """The MLPs' activation, megaspec's name."""
+        return spec_activation(spec, self.activation_path)
+
+    def hf_kwargs(self, spec: dict[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
         """Keyword arguments of the HF config class."""
         return {
             "num_hidden_layers": cfg.num_layers,
@@ -95,7 +100,7 @@ class Llama(Family):
             "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.max_position_embeddings,
             "rms_norm_eps": cfg.layernorm_epsilon,
-            "hidden_act": hf_activation(cfg.activation),
+            "hidden_act": hf_activation(self.hidden_act(spec, cfg)),
             "rope_parameters": hf_rope(cfg),
             "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
             "attention_dropout": cfg.attention_dropout,
@@ -103,12 +108,12 @@ class Llama(Family):
             **token_ids(cfg.vocab_size, bos_token_id=1, eos_token_id=2),
         }
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
         bias = cfg.add_bias_linear
-        return transformers.LlamaConfig(**self.hf_kwargs(cfg), attention_bias=bias, mlp_bias=bias)
+        return transformers.LlamaConfig(**self.hf_kwargs(spec, cfg), attention_bias=bias, mlp_bias=bias)
 
     def rules(self, configs: Configs) -> list[Rule]:
         return decoder_rules(configs[""])
@@ -174,7 +179,7 @@ class Mistral(Llama):
         config["window_size"] = None if window is None else (window - 1, 0)
         return spec, config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
@@ -182,7 +187,7 @@ class Mistral(Llama):
         if window is not None and (window[1] != 0 or window[0] < 0):
             raise SpecError(f"HF Mistral's sliding window looks back only: window_size (W - 1, 0), got {window}")
         unsupported("Mistral", add_bias_linear=(cfg.add_bias_linear, False))
-        return transformers.MistralConfig(**self.hf_kwargs(cfg),
+        return transformers.MistralConfig(**self.hf_kwargs(spec, cfg),
                                           sliding_window=None if window is None else window[0] + 1)
 
 
@@ -199,33 +204,38 @@ class Mixtral(Mistral):
     requires = ("gpt_model", "moe", "topk_router", "grouped_experts")
     architecture = "Mixtral"
 
+    def hidden_act(self, spec: dict[str, Any], cfg: TransformerConfig) -> str:
+        """The experts read their activation from the config (the dense MLPs' spec must match it)."""
+        return cfg.activation
+
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         unsupported(self.architecture, router_jitter_noise=(c.router_jitter_noise, 0.0))
-        _, config = super().spec_and_config(c)
+        llama_spec, config = super().spec_and_config(c)
+        act = spec_activation(llama_spec, Llama.activation_path)
         spec = shipped_spec("mixtral")
-        act = config["activation"]
-        for node in spec["submodules"]["decoder"]["submodules"]["layers"]["nodes"].values():
-            if node["submodules"]["mlp"]["module"] == "mlp":
-                node["submodules"]["mlp"]["submodules"]["activation"] = act
-        config.update(
+        spec["submodules"]["decoder"]["submodules"]["layers"]["nodes"]["dense"]["submodules"]["mlp"][
+            "submodules"]["activation"] = act
+        config.update(  # ffn_hidden_size (HF's intermediate_size) is each expert's width
+            activation=act,
             num_moe_experts=c.num_local_experts,
             moe_router_topk=c.num_experts_per_tok,
-            moe_ffn_hidden_size=c.intermediate_size,
             moe_layer_freq=1,
             moe_aux_loss_coeff=aux_loss_coeff(c),
         )
         return spec, config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
+        if cfg.num_moe_experts is None:
+            raise SpecError("Mixtral: the config has no num_moe_experts (not a mixture of experts)")
         unsupported("Mixtral", moe_layer_freq=(cfg.moe_layer_freq, 1),
-                    moe_ffn_hidden_size=(cfg.moe_ffn_hidden_size, cfg.ffn_size))
-        mistral = super().hf_config(configs)
+                    moe_ffn_hidden_size=(cfg.moe_ffn_size, cfg.ffn_size))
+        mistral = super().hf_config(spec, configs)
         window = getattr(mistral, "sliding_window", None)
         return transformers.MixtralConfig(
-            **self.hf_kwargs(cfg), sliding_window=window, num_local_experts=cfg.num_moe_experts,
+            **self.hf_kwargs(spec, cfg), sliding_window=window, num_local_experts=cfg.num_moe_experts,
             num_experts_per_tok=cfg.moe_router_topk, **hf_aux_loss(cfg),
         )
 

@@ -24,6 +24,7 @@ from megaspec.interop.hf.core import (
     hf_activation,
     rule,
     shipped_spec,
+    spec_activation,
     unsupported,
 )
 from megaspec.interop.hf.llama import Llama, decoder_rules
@@ -74,20 +75,18 @@ class Llava(Family):
             projector["params"] = {"bias": False}
         return spec, {"language": language, "vision": vision_config(vision, "LLaVA vision")}
 
-    def hf_config(self, configs: Configs) -> Any:
-        return self.hf_config_from({}, configs)
-
-    def hf_config_from(self, spec: dict[str, Any], configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         params = {**DEFAULT_PARAMS, **spec.get("params", {})}
         projector = spec.get("submodules", {}).get("vision_projection", {})
-        act = projector.get("submodules", {}).get("activation", {}).get("module", "gelu")
+        act = spec_activation(spec, "vision_projection.activation")
+        subs = spec.get("submodules", {})
         language, vision = configs["language"], configs["vision"]
         strategy = params["vision_feature_select_strategy"]
         return transformers.LlavaConfig(
-            vision_config=hf_vision_config(vision),
-            text_config=Llama().hf_config({"": language}),
+            vision_config=hf_vision_config(subs.get("vision_model", {}), vision),
+            text_config=Llama().hf_config(subs.get("language_model", {}), {"": language}),
             image_token_index=params["image_token_index"],
             vision_feature_layer=params["vision_feature_layer"],
             vision_feature_select_strategy=strategy,

@@ -11,7 +11,6 @@ untied model gives HF back an `lm_head` of its own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from megaspec.interop.hf.core import (
     node_at,
     rule,
     shipped_spec,
+    spec_activation,
     split_qkv,
     token_ids,
     unsupported,
@@ -60,9 +60,6 @@ class T5(Family):
     model_types = ("t5",)
     hf_class = "T5ForConditionalGeneration"
     requires = ("t5_model", "relative_position_bias", "cross_attention")
-    # No position table: the length limit is never read.
-    unread_fields: Mapping[str, frozenset[str]] = {"": frozenset({"max_position_embeddings"})}
-
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         unsupported("T5", num_decoder_layers=(c.num_decoder_layers, c.num_layers))
         act = activation(c.dense_act_fn, "T5")
@@ -76,13 +73,9 @@ class T5(Family):
             "kv_channels": c.d_kv,
             "ffn_hidden_size": c.d_ff,
             "vocab_size": c.vocab_size,
-            "max_position_embeddings": 512,  # what T5 was trained at; nothing reads it
-            "normalization": "RMSNorm",
             "layernorm_epsilon": c.layer_norm_epsilon,
-            "activation": act,
             "gated_linear_unit": c.is_gated_act,
             "add_bias_linear": False,
-            "position_embedding_type": "relative",
             "relative_attention_num_buckets": c.relative_attention_num_buckets,
             "relative_attention_max_distance": c.relative_attention_max_distance,
             "share_embeddings_and_output_weights": _scales_output(c),
@@ -91,16 +84,17 @@ class T5(Family):
         }
         return spec, config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
-        act = hf_activation(cfg.activation)
+        ours = spec_activation(spec, "encoder.layers.mlp.activation")
+        act = hf_activation(ours)
         if cfg.gated_linear_unit:
-            if cfg.activation == "gelu":
+            if ours == "gelu":
                 raise SpecError("HF T5's gated GELU is the tanh approximation: activation gelu_tanh, not gelu")
             act = "gated-gelu" if act == "gelu_new" else f"gated-{act}"
-        unsupported("T5", add_bias_linear=(cfg.add_bias_linear, False), normalization=(cfg.normalization, "RMSNorm"))
+        unsupported("T5", add_bias_linear=(cfg.add_bias_linear, False))
         return transformers.T5Config(
             vocab_size=cfg.vocab_size,
             d_model=cfg.hidden_size,

@@ -83,7 +83,6 @@ class MultiLatentAttention(nn.Module):
         self.v_head_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.q_lora_rank = config.q_lora_rank
-        self.rotary_interleaved = config.rotary_interleaved
         self.attn_mask_type = attn_mask_type
         self.causal = attn_mask_type == "causal"
         self.ignore_mask = attn_mask_type == "no_mask"
@@ -128,7 +127,7 @@ class MultiLatentAttention(nn.Module):
         latent, key_rope = self.linear_kv_down_proj(hidden_states).split([self.kv_lora_rank, self.rope_dim], -1)
         key_rope = key_rope.unsqueeze(2)  # one rotary key shared by every head
         if rotary is not None:
-            key_rope = apply_rotary(key_rope, rotary, self.rotary_interleaved)
+            key_rope = apply_rotary(key_rope, rotary)
         return self.kv_layernorm(latent), key_rope
 
     def expand_kv(self, latent: Tensor, key_rope: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,7 +143,7 @@ class MultiLatentAttention(nn.Module):
         b, s, _ = hidden_states.shape
         query_nope, query_rope = self.project_query(hidden_states).split([self.nope_dim, self.rope_dim], dim=-1)
         if rotary is not None:
-            query_rope = apply_rotary(query_rope, rotary, self.rotary_interleaved)
+            query_rope = apply_rotary(query_rope, rotary)
         query = torch.cat((query_nope, query_rope), dim=-1)  # [b, s, nh, nope + rot]
         key, value = self.expand_kv(*self.compress_kv(hidden_states, rotary))
         out = self.core_attention(

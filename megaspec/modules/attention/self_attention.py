@@ -65,7 +65,6 @@ class SelfAttention(nn.Module):
         self.num_query_groups = config.query_groups
         self.heads_per_group = self.num_heads // self.num_query_groups
         self.head_dim = config.head_dim
-        self.rotary_interleaved = config.rotary_interleaved
         self.attn_mask_type = attn_mask_type
         # Causal attends causally with or without a mask: the core folds causality into any mask
         # it is given (padding, a position bias), and takes the kernel's fast path when there is none.
@@ -79,14 +78,8 @@ class SelfAttention(nn.Module):
             out_features=qkv_size,
             bias=config.add_bias_linear or config.add_qkv_bias,
         )
-        # The config flag and the spec must agree, or one of them would be silently ignored.
-        filled = (q_layernorm is not None, k_layernorm is not None)
-        if filled != (config.qk_layernorm, config.qk_layernorm):
-            raise ValueError(
-                f"config.qk_layernorm is {config.qk_layernorm} but the spec fills "
-                f"q_layernorm={filled[0]}, k_layernorm={filled[1]}; fill both slots exactly when it is true"
-            )
-        # Per head: a norm over d. Whole projection: over nh * d (queries) and ng * d (keys).
+        # QK-norm is the spec's choice: filled slots normalise the queries and keys, per head
+        # (over d) or over the whole projection (over nh * d for queries, ng * d for keys).
         self.qk_layernorm_per_head = qk_layernorm_per_head
         q_size = self.head_dim if qk_layernorm_per_head else self.num_heads * self.head_dim
         k_size = self.head_dim if qk_layernorm_per_head else self.num_query_groups * self.head_dim
@@ -119,8 +112,8 @@ class SelfAttention(nn.Module):
             key = self.k_layernorm(key.flatten(2)).view(b, s, self.num_query_groups, self.head_dim)
         if rotary is not None:
             rotary = select_rotary(rotary, self.rotary_table)
-            query = apply_rotary(query, rotary, self.rotary_interleaved)
-            key = apply_rotary(key, rotary, self.rotary_interleaved)
+            query = apply_rotary(query, rotary)
+            key = apply_rotary(key, rotary)
 
         if self.ignore_mask:
             attention_mask = None

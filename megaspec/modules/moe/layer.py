@@ -35,12 +35,6 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts = require_experts(config, "moe")
-        if (shared_experts is None) != (config.moe_shared_expert_intermediate_size is None):
-            raise ValueError(
-                "config.moe_shared_expert_intermediate_size is set but the shared_experts slot is empty"
-                if shared_experts is None
-                else "the shared_experts slot is filled but config.moe_shared_expert_intermediate_size is not set"
-            )
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts

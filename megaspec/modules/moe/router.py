@@ -44,7 +44,9 @@ class TopKRouter(nn.Module):
         self.num_experts = require_experts(config, "topk_router")
         self.topk = config.moe_router_topk
         self.score_function = config.moe_router_score_function
-        self.pre_softmax = config.moe_router_pre_softmax
+        # Settings that only matter with another one are read only then (the builder refuses
+        # a set config field that no module reads, so none is accepted and ignored).
+        self.pre_softmax = self.score_function == "softmax" and config.moe_router_pre_softmax
         self.num_groups = config.moe_router_num_groups
         self.group_topk = config.moe_router_group_topk
         self.group_score_topk = config.moe_router_group_score_topk
@@ -57,14 +59,14 @@ class TopKRouter(nn.Module):
                                  f"experts per group ({self.num_experts // self.num_groups})")
         self.scaling_factor = config.moe_router_topk_scaling_factor
         self.capacity_factor = config.moe_expert_capacity_factor
-        self.drop_policy = config.moe_token_drop_policy
+        self.drop_policy = config.moe_token_drop_policy if self.capacity_factor is not None else "probs"
         self.aux_loss_coeff = config.moe_aux_loss_coeff
         self.z_loss_coeff = config.moe_z_loss_coeff or 0.0
-        self.bias_update_rate = config.moe_router_bias_update_rate
         self.init_std = config.init_method_std
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=params_dtype(config)))
         # Updated outside autograd (update_expert_bias), and saved with the model: a buffer.
         enabled = config.moe_router_enable_expert_bias
+        self.bias_update_rate = config.moe_router_bias_update_rate if enabled else 0.0
         self.register_buffer("expert_bias", torch.empty(self.num_experts) if enabled else None)
 
     def init_weights(self) -> None:
