@@ -99,6 +99,13 @@ def _saving(path: Path) -> Iterator[None]:
         where = f" ({exc.filename})" if exc.filename else ""
         raise SpecError(Problem(f"cannot save the checkpoint: {exc.strerror or exc}{where}; "
                                 "the previous checkpoint there, if any, is unchanged", "", str(path))) from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # safetensors reports a failed write as its own error
+            raise
+        match = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(exc))
+        reason = match.group(1) if match else str(exc)
+        raise SpecError(Problem(f"cannot save the checkpoint: {reason}; the previous checkpoint there, if any, "
+                                "is unchanged", "", str(path))) from None
 
 
 # ---------------------------------------------------------------- what a model was built from

@@ -25,8 +25,10 @@ from torch import nn
 
 from megaspec.configs import Configs, make_configs, root_config
 from megaspec.errors import SpecError
+from megaspec.hydra_config import given_fields, overridden_keys
+from megaspec.paths import resource_root
 from megaspec.resolve import Resolved, resolve
-from megaspec.source import load_yaml
+from megaspec.source import SourceMap, load_yaml
 from megaspec.spec import ModuleSpec, parse_spec
 from megaspec.train.metrics import si
 from megaspec.train.record import RUN_FILE
@@ -51,8 +53,14 @@ def _from_recorded(label: str, file: Path, prefix: tuple[str, ...]) -> Side:
     if not isinstance(node, dict) or "spec" not in node or "config" not in node:
         raise SpecError(f"{file}: records no model.spec and model.config")
     spec = parse_spec(node["spec"], smap.child((*prefix, "spec")))
+    fields = node["config"]
+    root = data.get("config", data) if prefix[:1] == ("config",) else data
+    sources = root.get("sources") if isinstance(root, dict) else None
+    if isinstance(sources, dict):  # a composed config holds every field: keep those the run was given
+        model_file = SourceMap() if not sources.get("model") else load_yaml(resource_root() / sources["model"])[1]
+        fields = given_fields(fields, model_file, overridden_keys(sources.get("overrides") or ()))
     # An allow-list only ever comes from the caller: never from a file being compared.
-    return Side(label, spec, make_configs(node["config"], smap.child((*prefix, "config")), (*prefix, "config")))
+    return Side(label, spec, make_configs(fields, smap.child((*prefix, "config")), (*prefix, "config")))
 
 
 def load_side(arg: str) -> Side:

@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from megaspec.configs import field_defaults, is_named
 from megaspec.errors import Problem, SpecError
+from megaspec.registry import import_trusted
 from megaspec.source import Key, SourceMap
 
 CONFIG_DEFAULTS = "transformer_config"  # the Hydra config holding every field's default
@@ -119,12 +118,10 @@ def import_plugins(names: Iterable[str]) -> list[str]:
     not installed (`my_layers.py` beside the user's configs) can be named.
     """
     names = [n for n in names if n]
-    if names and os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     problems = []
     for name in names:
         try:
-            importlib.import_module(name)
+            import_trusted(name)
         except Exception as exc:  # a plug-in's own error: report it, with its type
             problems.append(Problem(f"cannot import plug-in '{name}': {type(exc).__name__}: {exc}", "plugins"))
     if problems:

@@ -12,6 +12,8 @@ import contextvars
 import importlib
 import importlib.metadata
 import inspect
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -203,6 +205,17 @@ def names(kind: str | None = None) -> list[str]:
     return [e.name for e in entries(kind)]
 
 
+def import_trusted(module_name: str) -> Any:
+    """Import a module the caller named (a plug-in or an allow-listed prefix), the working directory first.
+
+    As `python -m` does, so a module that is not installed (`my_layers.py` beside the user's
+    files) can be named. Only ever called with names the caller gave, never a file's.
+    """
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module_name)
+
+
 def _import_dotted(path: str, allow_imports: tuple[str, ...]) -> Entry:
     if not any(path == p or path.startswith(p.rstrip(".") + ".") for p in allow_imports):
         raise RegistryError(
@@ -212,7 +225,7 @@ def _import_dotted(path: str, allow_imports: tuple[str, ...]) -> Entry:
         )
     module_name, _, attr = path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
+        cls = getattr(import_trusted(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise RegistryError(f"cannot import '{path}': {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):

@@ -15,7 +15,7 @@ from megaspec.diff import diff, load_side, main
 SPEC = """\
 module: gpt_model
 config: {{num_layers: 2, hidden_size: 32, num_attention_heads: 4, ffn_hidden_size: 64, vocab_size: 50,
-          max_position_embeddings: 16, position_embedding_type: {position}}}
+          max_position_embeddings: 16}}
 submodules:
   embedding: vocab_embedding
   position_embedding: {position_module}
@@ -38,10 +38,10 @@ submodules:
 """
 
 
-def spec_file(tmp_path: Path, name: str, core: str = "sdpa", mask: str = "causal", position: str = "learned_absolute",
+def spec_file(tmp_path: Path, name: str, core: str = "sdpa", mask: str = "causal",
               position_module: str = "learned_position_embedding") -> Path:
     path = tmp_path / name
-    path.write_text(SPEC.format(core=core, mask=mask, position=position, position_module=position_module))
+    path.write_text(SPEC.format(core=core, mask=mask, position_module=position_module))
     return path
 
 
@@ -60,7 +60,7 @@ def test_two_shipped_models_differ_slot_by_slot_with_lines_on_each_side(capsys):
                           "silu (specs/llama.yaml:34)\n"
                           "  decoder.final_layernorm: layer_norm (specs/gpt2.yaml:34) -> "
                           "rms_norm (specs/llama.yaml:36)\n\nconfig fields that differ:\n"
-                          "  activation: gelu_tanh -> silu\n")
+                          "  add_bias_linear: true -> false\n")
     rows = {line.split()[0]: line.split()[1:] for line in out.split("where they change:\n")[1].splitlines()[1:]}
     # Published counts: GPT-2 small and Llama-3-8B; a tied GPT-2 head owns no weight, Llama's does.
     assert rows["<model>"][:3] == ["124,439,808", "8,030,261,248", "+7,905,821,440"]
@@ -76,7 +76,7 @@ def test_identical_trees_say_so_and_exit_0(capsys):
 
 def test_module_params_and_config_changes_in_spec_files(tmp_path):
     a = spec_file(tmp_path, "a.yaml")
-    b = spec_file(tmp_path, "b.yaml", core="eager", mask="no_mask", position="rope", position_module="rotary_embedding")
+    b = spec_file(tmp_path, "b.yaml", core="eager", mask="no_mask", position_module="rotary_embedding")
     same, lines = diff(load_side(str(a)), load_side(str(b)), seq=8)
     assert not same
     assert lines[:9] == [
@@ -85,7 +85,7 @@ def test_module_params_and_config_changes_in_spec_files(tmp_path):
         f"  decoder.layers[*].self_attention.params.attn_mask_type: causal ({a}:16) -> no_mask ({b}:16)",
         f"  decoder.layers[*].self_attention.core_attention: sdpa ({a}:18) -> eager ({b}:18)",
         "", "config fields that differ:"]
-    assert lines[9:11] == ["  position_embedding_type: learned_absolute -> rope", ""]
+    assert lines[9:11] == ["  none", ""]  # the position embedding is the spec's choice: no config field says it
     rows = {line.split()[0]: line.split()[1:] for line in lines[12:]}
     assert rows["position_embedding"][:3] == ["512", "0", "-512"]  # 16 positions x 32 channels, then none
     assert list(rows) == ["slot", "<model>", "position_embedding"]  # same FLOPs elsewhere: not listed

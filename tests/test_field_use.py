@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from omegaconf import OmegaConf
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from tiny import TINY
 
 import megaspec
@@ -58,7 +58,11 @@ def candidates(annotation: Any, current: Any) -> list[Any]:
     if origin is list:
         return []
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation().model_dump(mode="json")]
+        try:
+            return [annotation().model_dump(mode="json")]
+        except ValidationError:  # a model with required fields (a RoPE scaling type): a small valid one
+            required = {"rope_type": "linear", "factor": 2.0}
+            return [required] if set(annotation.model_fields) >= set(required) else []
     if annotation is str:
         return [f"{current}_other"]
     return []
@@ -67,7 +71,9 @@ def candidates(annotation: Any, current: Any) -> list[Any]:
 def fingerprint(model: torch.nn.Module) -> tuple:
     """What a model is and computes: module tree, tensor shapes and dtypes, train-mode outputs on fixed inputs."""
     record = megaspec.build_record(model)
-    tree = tuple(sorted((path, entry.name) for path, entry in record.modules.items()))
+    # Each module's settings as its repr shows them (a model's context length, a norm's epsilon).
+    tree = tuple(sorted((path, entry.name, module.extra_repr()) for path, module in model.named_modules()
+                        if (entry := record.modules.get(path)) is not None))
     tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(),
                                                                     *model.named_buffers()])
     model.train()  # dropout is part of what the config decides

@@ -235,9 +235,12 @@ def test_config_fields_are_strict_and_physical(toys, tmp_path, fields, message) 
 
 
 def test_exponent_floats_are_floats(toys, tmp_path) -> None:
-    path = write(tmp_path, f"module: toy_norm\nparams: {{eps: 1e-6}}\n{SIZES[:-1]}, layernorm_epsilon: 1e-6}}\n")
-    model = megaspec.build_model(path, device="meta")
-    assert model.eps == 1e-6 and megaspec.build_record(model).config.layernorm_epsilon == 1e-6
+    """YAML 1.1 reads `1e-6` as a string; a float param and a float config field both take it as 1e-06."""
+    sizes = "config: {num_layers: 1, hidden_size: 8, num_attention_heads: 2"
+    param = megaspec.build_model(write(tmp_path, f"module: toy_norm\nparams: {{eps: 1e-6}}\n{sizes}}}\n"), device="meta")
+    field = megaspec.build_model(write(tmp_path, f"module: layer_norm\n{sizes}, layernorm_epsilon: 1e-6}}\n"),
+                                 device="meta")
+    assert param.eps == 1e-6 and field.eps == 1e-6 and megaspec.build_record(field).config.layernorm_epsilon == 1e-6
 
 
 # ---------------------------------------------------------------- overrides

@@ -9,7 +9,8 @@ change to this file:
   `# NAME.py` is a file the README asks for: it is written (and run by a later command).
 - ```yaml whose first line is `# PATH`: a file, written. Other YAML is illustration.
 - ```text with `$ COMMAND` lines: each command runs as written, and every line shown after
-  it must appear in its output.
+  it (but `...`, lines left out) must appear in its output.
+- A command that ends in `# exits N` must exit N; every other command must exit 0.
 Blocks that cannot run are listed in NOT_RUN with the reason.
 """
 
@@ -98,9 +99,11 @@ def free_port() -> int:
 
 
 def tiny(command: str) -> str:
-    """The command at tiny sizes: model sizes from tests/tiny.py, training steps / 100."""
+    """The command at tiny sizes: model sizes from tests/tiny.py, training steps / 100, evaluation at their length."""
     words = shlex.split(command, comments=True)
     at = next((i for i, w in enumerate(words[:-1]) if w == "megaspec" and words[i + 1] in ("build", "train")), None)
+    if at is None and words[:2] == ["megaspec", "eval"]:  # scores the windows the tiny runs trained on
+        return shlex.join([*words, "trainer.seq_len=16"])
     if at is None or any(w.startswith("+checkpoint=") for w in words):
         return command
     model = next((w.split("=", 1)[1] for w in words if w.startswith("model=")), "gpt2")
@@ -196,7 +199,9 @@ def test_readme_block_runs(block: Block, session: Session) -> None:
             if command in NOT_RUN:
                 continue
             done = session.run_shell(tiny(command))
-            assert done.returncode == 0, (f"README.md:{block.line}: `{command}` exited {done.returncode}\n"
+            status = re.search(r"#\s*exits (\d+)", command)  # `megaspec diff` exits 1 when its inputs differ
+            assert done.returncode == (int(status.group(1)) if status else 0), (
+                f"README.md:{block.line}: `{command}` exited {done.returncode}\n"
                                           f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     else:  # a shown session: `$ command`, then the lines it prints
         shown = re.split(r"^\$ ", block.text, flags=re.M)[1:]
@@ -204,7 +209,8 @@ def test_readme_block_runs(block: Block, session: Session) -> None:
             command, *expected = part.splitlines()
             done = session.run_shell(command)
             output = (done.stdout + done.stderr).splitlines()
-            missing = [line for line in expected if line.strip() and line not in output]
+            # `...` stands for lines left out of the README.
+            missing = [line for line in expected if line.strip() not in ("", "...") and line not in output]
             assert not missing, (f"README.md:{block.line}: `{command}` did not print:\n" + "\n".join(missing)
                                  + "\n--- it printed:\n" + "\n".join(output[-40:]))
 

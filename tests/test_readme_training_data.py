@@ -22,6 +22,7 @@ from megaspec.train.tokenizer import save_tokenizer, train_bpe
 pytest.importorskip("tokenizers")
 
 ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "megaspec" / "train" / "corpus.txt"
 TINY_MODEL = ["model.config.num_layers=1", "model.config.hidden_size=32", "model.config.num_attention_heads=2",
               "model.config.ffn_hidden_size=64"]
 TINY_TRAIN = ["trainer.seq_len=32", "trainer.global_batch_size=4", "trainer.max_steps=4", "trainer.eval_every=2",
@@ -67,14 +68,16 @@ def my_text(path: Path) -> Path:
 
 
 def test_own_data_commands(tmp_path):
-    my_text(tmp_path / "my_text.txt")
-    docs = "".join(json.dumps({"text": f"doc {i} says hello"}) + "\n" for i in range(200))
-    (tmp_path / "docs.jsonl").write_text(docs)
-    (tmp_path / "path" / "to").mkdir(parents=True)
-    save_tokenizer(train_bpe([(tmp_path / "my_text.txt").read_text()], 280), tmp_path / "path" / "to")
+    # The tokenizer.json the last command names: a run's, as the README's first training run leaves it.
+    (tmp_path / "runs" / "small").mkdir(parents=True)
+    save_tokenizer(train_bpe([CORPUS.read_text()], 280), tmp_path / "runs" / "small")
     cmds = commands("Your own data and tokenizers")
-    assert [c[:2] for c in cmds] == [["megaspec", "train"]] * 4
-    for i, words in enumerate(cmds):
+    assert [c[0] for c in cmds] == ["python", "python"] + ["megaspec"] * 4
+    for words in cmds[:2]:  # the text file and its JSON lines
+        assert run(words, tmp_path).returncode == 0
+    assert (tmp_path / "my_text.txt").stat().st_size > 100_000
+    assert json.loads((tmp_path / "docs.jsonl").read_text().splitlines()[0])["text"]
+    for i, words in enumerate(cmds[2:]):
         done = run(words, tmp_path, *TINY_MODEL, *TINY_TRAIN, f"hydra.run.dir=run{i}")
         assert done.returncode == 0, done.stderr
         assert read_run(tmp_path / f"run{i}")["status"] == "completed"
@@ -84,12 +87,9 @@ def test_own_data_commands(tmp_path):
 
 def test_held_out_evaluation_commands(tmp_path):
     my_text(tmp_path / "my_text.txt")
-    my_text(tmp_path / "other.txt")
-    run_dir = "outputs/2026-01-31/12-00-00"
-    trained = run(["megaspec", "train", "data.path=my_text.txt"], tmp_path, *TINY_MODEL, *TINY_TRAIN,
-                  f"hydra.run.dir={run_dir}")
+    trained = run(["megaspec", "train"], tmp_path, *TINY_MODEL, *TINY_TRAIN, "hydra.run.dir=runs/small")
     assert trained.returncode == 0, trained.stderr
-    final = read_metrics(tmp_path / run_dir / "metrics.jsonl")[-1]["val_loss"]
+    final = read_metrics(tmp_path / "runs" / "small" / "metrics.jsonl")[-1]["val_loss"]
     first, second = commands("Held-out evaluation")
     scored = run(first, tmp_path, *SHAPE)
     assert scored.returncode == 0, scored.stderr
@@ -97,7 +97,7 @@ def test_held_out_evaluation_commands(tmp_path):
     assert float(scored.stdout.split("held-out loss ")[1].split(",")[0]) == pytest.approx(final, abs=1e-4)
     other = run(second, tmp_path, *SHAPE)
     assert other.returncode == 0, other.stderr
-    assert " from other.txt: " in other.stdout and "tokenized other.txt [val]" in other.stdout
+    assert " from my_text.txt: " in other.stdout and "tokenized my_text.txt [val]" in other.stdout
 
 
 def test_diff_example_output():

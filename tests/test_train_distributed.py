@@ -69,3 +69,20 @@ def test_tensor_parallel_llama_checkpoints_and_resumes_in_one_process(tmp_path):
     final = load_checkpoint(tmp_path / "one" / "model")
     for (name, a), (_, b) in zip(exported.state_dict().items(), final.state_dict().items(), strict=True):
         assert (a - b).abs().max() < 1e-4, name  # reduction order only (a swapped half would differ by ~0.02)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_stages_train_and_evaluate_as_one_process(tmp_path, schedule):
+    """Two stages: each step's loss and the held-out loss (forward-only through the schedule) match one process."""
+    evaluated = [*TINY, "trainer.eval_every=2", "trainer.eval_batches=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "megaspec", "train", "parallel=pp",
+           f"parallel.pipeline_schedule={schedule}", *evaluated, f"hydra.run.dir={tmp_path / 'pp'}"]
+    done = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pp = read_metrics(tmp_path / "pp" / "metrics.jsonl")
+    one = train(compose(evaluated), run_dir=tmp_path / "one", log=lambda _: None)
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in pp], abs=1e-5)
+    assert [r.get("val_loss") for r in pp][1:] == [pytest.approx(one[1]["val_loss"], abs=1e-5),
+                                                    pytest.approx(one[2]["val_loss"], abs=1e-5)]
+    assert "val_loss" not in pp[0]

@@ -45,6 +45,9 @@ class GPTModel(nn.Module):
         super().__init__()
         self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
         self.embedding_dropout = config.hidden_dropout
+        # The context the model is meant for: `megaspec train` and `megaspec.generate` keep
+        # sequences within it (a learned position table also has this many rows).
+        self.max_position_embeddings = config.max_position_embeddings
         self.embedding = embedding
         self.position_embedding = position_embedding
         self.embedding_layernorm = nn.Identity() if embedding_layernorm is None else embedding_layernorm
@@ -87,6 +90,9 @@ class GPTModel(nn.Module):
         if loss is not None and aux_loss is not None:
             loss = loss + aux_loss
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden_states, aux_loss=aux_loss)
+
+    def extra_repr(self) -> str:
+        return f"max_position_embeddings={self.max_position_embeddings}"
 
     def example_inputs(self, batch: int = 1, seq: int = 8, device: torch.device | str | None = None) -> dict:
         """Keyword arguments for a forward pass of the given size (shape checks, tracing)."""

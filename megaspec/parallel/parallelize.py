@@ -158,3 +158,24 @@ def train_step(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None
                 dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=state.tied_group)
         dist.all_reduce(loss, group=state.mesh["pp"].get_group())  # only the last stage's is non-zero
     return _mean_over(loss, state.mesh if state else None, "dp")
+
+
+@torch.no_grad()
+def eval_step(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """Forward only on this rank's batch of a pipelined model; the loss averaged over the global batch, on every rank.
+
+    The schedule splits the batch into its micro-batches as in training, but runs no backward.
+    """
+    state = parallel_state(model)
+    assert state is not None and state.schedule is not None, "eval_step is for pipelined models"
+    stage = state.schedule._stage
+    losses: list[Tensor] = []
+    if stage.is_first:
+        state.schedule.eval(input_ids)
+    elif stage.is_last:
+        state.schedule.eval(target=input_ids, losses=losses)
+    else:
+        state.schedule.eval()
+    loss = torch.stack(losses).mean().float() if losses else torch.zeros((), device=input_ids.device)
+    dist.all_reduce(loss, group=state.mesh["pp"].get_group())  # only the last stage's is non-zero
+    return _mean_over(loss, state.mesh, "dp")

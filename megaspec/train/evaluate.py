@@ -27,8 +27,13 @@ def perplexity(loss: float) -> float:
 def held_out_loss(model: nn.Module, data: EvalWindows | SyntheticData, num_batches: int, global_batch_size: int,
                   micro_batch_size: int, rank: int, world_size: int, device: torch.device,
                   autocast_dtype: torch.dtype | None = None,
-                  reduce: Callable[[Tensor], Tensor] = lambda t: t) -> float:
-    """Mean loss over `num_batches` held-out batches, dropout off; every process evaluates its slice."""
+                  reduce: Callable[[Tensor], Tensor] = lambda t: t,
+                  loss_of: Callable[[Tensor], Tensor] | None = None) -> float:
+    """Mean loss over `num_batches` held-out batches, dropout off; every process evaluates its slice.
+
+    `loss_of(tokens)` replaces the model's own forward where one process holds only part of the model
+    (a pipeline stage: `megaspec.parallel.eval_step`).
+    """
     was_training = model.training
     model.eval()
     total, count = torch.zeros(()), 0
@@ -38,7 +43,8 @@ def held_out_loss(model: nn.Module, data: EvalWindows | SyntheticData, num_batch
                 tokens = tokens.to(device)  # [micro, s]
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                     enabled=autocast_dtype is not None):
-                    total += lm_loss(model(input_ids=tokens, labels=tokens)).float().cpu()
+                    loss = lm_loss(model(input_ids=tokens, labels=tokens)) if loss_of is None else loss_of(tokens)
+                total += loss.float().cpu()
                 count += 1
     finally:
         model.train(was_training)

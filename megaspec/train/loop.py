@@ -265,9 +265,6 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
     if eval_every and held_out is None:
         raise SpecError(f"trainer.eval_every={eval_every} needs held-out data: set data.val_fraction (> 0) or "
                         "data.val_path=FILE, or trainer.eval_every=0")
-    if eval_every and parallel is not None and parallel.schedule is not None:
-        raise SpecError("held-out evaluation under pipeline parallelism is not supported yet; "
-                        "set trainer.eval_every=0")
     if eval_every and eval_batches is None and prepared.kind == "synthetic":
         raise SpecError("trainer.eval_batches=null evaluates every held-out window, and synthetic data has no "
                         "end; set trainer.eval_batches")
@@ -325,6 +322,12 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
     # Expert-bias balancing sums its counts over the ranks that share this stage's layers.
     dp_group = parallel.mesh["dp"].get_group() if parallel is not None and parallel.mesh is not None else None
     balancer = ExpertBiasUpdater(model, dp_group)
+    # A pipeline evaluates as it trains: the whole local batch goes to the schedule, which splits it.
+    eval_micro_bs, eval_loss = micro_bs, None
+    if pp_group is not None:
+        from megaspec.parallel.parallelize import eval_step
+
+        eval_micro_bs, eval_loss = global_bs // dp_size, lambda tokens: eval_step(model, tokens)
     with_grads = [p for p in model.parameters() if p.requires_grad]
     # A pipeline's last stage holds a copy of a tied embedding; the first stage counts its gradient.
     tied_copy = (model.embedding.weight,) if pp_group is not None and getattr(model, "tied", False) \
@@ -359,8 +362,9 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
         if len(means) > 1:
             row["aux_loss"] = float(means[1])
         if eval_every and (state.step % eval_every == 0 or state.step == max_steps):
-            row["val_loss"] = held_out_loss(model, held_out, eval_count, global_bs, micro_bs, dp_rank, dp_size,
-                                            env.device, autocast_dtype, lambda t: _mean_over_ranks(t, env))
+            row["val_loss"] = held_out_loss(model, held_out, eval_count, global_bs, eval_micro_bs, dp_rank,
+                                            dp_size, env.device, autocast_dtype,
+                                            lambda t: _mean_over_ranks(t, env), eval_loss)
             row["val_perplexity"] = perplexity(row["val_loss"])
         records.append(row)
         if metrics is not None:

@@ -7,7 +7,6 @@ are paired: [b, s, 1, rot] rotates channel i with i + rot/2 (GPT-NeoX, HF Llama)
 """
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
@@ -23,12 +22,12 @@ __all__ = ["Rotary", "RotaryEmbedding", "apply_rotary"]
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al., 2021): returns the (cos, sin) tables; attention rotates q and k.
 
-    `config.rope_scaling` picks the frequencies (megaspec/rope.py). Positions 0 ..
-    max_position_embeddings - 1 have precomputed angles, so a longer sequence is an
-    index error, as with a learned position table. Dynamic NTK alone computes its
-    angles per forward: its frequencies grow with the sequence being run. LongRoPE
-    keeps a second table for sequences past its original context. YaRN and LongRoPE
-    multiply cos and sin by their attention factor.
+    `config.rope_scaling` picks the frequencies (megaspec/rope.py). Angles are computed
+    per forward from the positions, as HF does, so a model runs at any length its
+    scaling allows (YaRN and linear scaling are meant for sequences past
+    max_position_embeddings). Dynamic NTK and LongRoPE choose their frequencies from
+    the longest sequence in `position_ids`; YaRN and LongRoPE multiply cos and sin by
+    their attention factor.
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -39,64 +38,44 @@ class RotaryEmbedding(nn.Module):
         self.base = config.rotary_base
         self.interleaved = config.rotary_interleaved
         self.scaling = config.rope_scaling
-        self.max_positions = config.max_position_embeddings
+        # Only dynamic NTK (when to grow) and LongRoPE (its default factor) depend on the context length.
+        uses_context = isinstance(self.scaling, (DynamicRopeScaling, LongRopeScaling))
+        self.max_positions = config.max_position_embeddings if uses_context else None
         self.attention_scaling = attention_factor(self.scaling, self.max_positions)
-        self.dynamic = isinstance(self.scaling, DynamicRopeScaling)
-        self.long = isinstance(self.scaling, LongRopeScaling)
         # Not persistent: pure functions of the config, so checkpoints need not carry them,
         # and init_weights recomputes them after a meta-device build.
         self.register_buffer("inv_freq", inv_freq(self.scaling, self.base, self.rotary_dim), persistent=False)
         self.register_buffer("long_inv_freq", long_inv_freq(self.scaling, self.base, self.rotary_dim),
                              persistent=False)
-        for name, table in self._tables().items():
-            self.register_buffer(name, table, persistent=False)  # [max_positions, rot] each, or None
-
-    def _angles(self, positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin [..., rot] of positions [...] times freqs [rot/2], scaled by the attention factor."""
-        # Angles in fp32: position * frequency loses precision in half types at long range.
-        angles = positions[..., None].float() * freqs  # [..., rot/2]
-        if self.interleaved:
-            angles = angles.repeat_interleave(2, dim=-1)  # [..., rot]: f0 f0 f1 f1 ...
-        else:
-            angles = torch.cat((angles, angles), dim=-1)  # [..., rot]: f0 f1 ... f0 f1 ...
-        cos, sin = angles.cos(), angles.sin()
-        if self.attention_scaling != 1.0:
-            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos, sin
-
-    def _tables(self) -> dict[str, Tensor | None]:
-        """The precomputed cos/sin tables (and LongRoPE's long-context pair); None where not used."""
-        tables: dict[str, Tensor | None] = dict.fromkeys(("cos_table", "sin_table", "long_cos_table", "long_sin_table"))
-        if self.dynamic:
-            return tables
-        positions = torch.arange(self.max_positions, device=self.inv_freq.device)  # [max]
-        tables["cos_table"], tables["sin_table"] = self._angles(positions, self.inv_freq)
-        if self.long:
-            tables["long_cos_table"], tables["long_sin_table"] = self._angles(positions, self.long_inv_freq)
-        return tables
 
     def init_weights(self) -> None:
-        """Recompute the frequencies and tables (they hold garbage after `to_empty`)."""
+        """Recompute the frequency tables (they hold garbage after `to_empty`)."""
         with torch.no_grad():
             device = self.inv_freq.device
             self.inv_freq.copy_(inv_freq(self.scaling, self.base, self.rotary_dim, device))
             if self.long_inv_freq is not None:
                 self.long_inv_freq.copy_(long_inv_freq(self.scaling, self.base, self.rotary_dim, device))
-            for name, table in self._tables().items():
-                if table is not None:
-                    getattr(self, name).copy_(table)
+
+    def frequencies(self, position_ids: Tensor) -> Tensor:
+        """The inverse frequencies [rot/2] for this forward's positions."""
+        if isinstance(self.scaling, DynamicRopeScaling):
+            grown = dynamic_inv_freq(self.scaling, self.base, self.rotary_dim, self.max_positions, position_ids)
+            return torch.where(position_ids.max() + 1 > self.max_positions, grown, self.inv_freq)
+        if isinstance(self.scaling, LongRopeScaling):
+            long = position_ids.max() + 1 > self.scaling.original_max_position_embeddings
+            return torch.where(long, self.long_inv_freq, self.inv_freq)
+        return self.inv_freq
 
     def forward(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Rotary]:
-        if self.dynamic:
-            grown = dynamic_inv_freq(self.scaling, self.base, self.rotary_dim, self.max_positions, position_ids)
-            freqs = torch.where(position_ids.max() + 1 > self.max_positions, grown, self.inv_freq)
-            cos, sin = self._angles(position_ids, freqs)  # [b, s, rot]
+        # Angles in fp32: position * frequency loses precision in half types at long range.
+        freqs = position_ids[..., None].float() * self.frequencies(position_ids)  # [b, s, rot/2]
+        if self.interleaved:
+            angles = freqs.repeat_interleave(2, dim=-1)  # [b, s, rot]: f0 f0 f1 f1 ...
         else:
-            cos, sin = F.embedding(position_ids, self.cos_table), F.embedding(position_ids, self.sin_table)
-            if self.long:  # the long-context table once any sequence passes the original context
-                past = position_ids.max() + 1 > self.scaling.original_max_position_embeddings
-                cos = torch.where(past, F.embedding(position_ids, self.long_cos_table), cos)
-                sin = torch.where(past, F.embedding(position_ids, self.long_sin_table), sin)
+            angles = torch.cat((freqs, freqs), dim=-1)  # [b, s, rot]: f0 f1 ... f0 f1 ...
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         # [b, s, 1, rot]: the 1 broadcasts over heads in the attention's [b, s, n, d] layout.
         cos, sin = cos.to(hidden_states.dtype).unsqueeze(2), sin.to(hidden_states.dtype).unsqueeze(2)
         if self.interleaved:  # [b, s, 1, rot/2, 2]: the shape tells apply_rotary to rotate adjacent pairs
@@ -105,8 +84,7 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         scaling = "none" if self.scaling is None else self.scaling.rope_type
-        return (f"rotary_dim={self.rotary_dim}, base={self.base}, interleaved={self.interleaved}, "
-                f"scaling={scaling}, max_positions={self.max_positions}")
+        return f"rotary_dim={self.rotary_dim}, base={self.base}, interleaved={self.interleaved}, scaling={scaling}"
 
 
 def _rotate_half(x: Tensor) -> Tensor:
