@@ -39,10 +39,9 @@ TINY: dict[str, list[str]] = {
     "gpt_neox": ["model=gpt_neox", *_fields("model.config", _TEXT)],
     "falcon": ["model=falcon", *_fields("model.config", [*_TEXT, "num_query_groups=1"])],
     "falcon_40b": ["model=falcon_40b", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
-    "bloom": ["model=bloom", *_fields("model.config", _TEXT)],
+    "bloom": ["model=bloom", *_fields("model.config", _SIZES)],  # ALiBi: no position table
     "vit": ["model=vit", *_fields("model.config", ["num_layers=2", "hidden_size=32", "num_attention_heads=4",
-                                                   "ffn_hidden_size=64", "image_size=28", "patch_size=7",
-                                                   "max_position_embeddings=17"])],
+                                                   "ffn_hidden_size=64", "image_size=28", "patch_size=7"])],
     "gemma": ["model=gemma", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "gemma2": ["model=gemma2", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16",
                                                          "window_size=[3,0]"])],
