@@ -40,6 +40,7 @@ class _Resolver:
         self.configs = configs
         self.sizes = sizes  # False: no real config; check names, kinds, slots and params only
         self.problems: list[Problem] = []
+        self.built = True  # False inside a pattern node no layer uses: checked, but it builds nothing
 
     def node(self, spec: ModuleSpec, config: TransformerConfig, path: str,
              slot: tuple[str, str, Slot] | None = None) -> Resolved | None:
@@ -67,7 +68,7 @@ class _Resolver:
                 self.problems += [p for e, p in zip(exc.errors(), config_problems(
                     exc, smap, ("config",), _join(path, "config"), spec.config)) if e["type"] != "value_error"]
             reads = current_reads()
-            if reads is not None:  # each field set here must be read somewhere in this subtree
+            if reads is not None and self.built:  # each field set here must be read somewhere in this subtree
                 reads.watch(config, {f: Setting(f, _join(path, f"config.{f}"), *smap.locate(("config", f), v),
                                                 scope=path, node=True) for f, v in spec.config.items()})
         try:
@@ -138,10 +139,12 @@ class _Resolver:
             runs = [(self.node(value, config, f"{path}[*]", owner), value.repeat or want or 1)]
             got = runs[0][1]
         elif isinstance(value, Pattern):
-            by_name = {n: self.node(s, config, f"{path}.nodes.{n}", owner) for n, s in value.nodes.items()}
             names = [] if too_many else self.pattern_names(value, config, path)
             got = want or len(names)
-            runs = [(by_name.get(names[i % len(names)]), 1) for i in range(got)] if names else []
+            picked = [names[i % len(names)] for i in range(got)] if names else []
+            by_name = {n: self.unused(s, config, f"{path}.nodes.{n}", owner) if picked and n not in picked
+                       else self.node(s, config, f"{path}.nodes.{n}", owner) for n, s in value.nodes.items()}
+            runs = [(by_name.get(n), 1) for n in picked]
         else:
             runs = [(self.node(node, config, f"{path}[{i}]", owner), node.repeat or 1) for i, node in enumerate(value)]
             got = sum(n for _, n in runs)
@@ -155,6 +158,16 @@ class _Resolver:
         if too_many or got > MAX_LIST or (want is not None and got != want):
             return []
         return [r for r, n in runs if r is not None for _ in range(n)]
+
+    def unused(self, spec: ModuleSpec, config: TransformerConfig, path: str,
+               slot: tuple[str, str, Slot]) -> Resolved | None:
+        """A pattern node no layer picks (Gemma-3's global layer in a model of under six layers): checked like
+        any node, but it builds nothing, so the fields its subtree's `config:` sets are no settings of this model."""
+        outer, self.built = self.built, False
+        try:
+            return self.node(spec, config, path, slot)
+        finally:
+            self.built = outer
 
     def pattern_names(self, value: Pattern, config: TransformerConfig, path: str) -> list[str]:
         """The per-layer node names: written out, or read from a config field."""

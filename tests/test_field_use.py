@@ -16,6 +16,7 @@ from tiny import TINY
 import megaspec
 from megaspec import SpecError, build_model, compose
 from megaspec.config import TransformerConfig, field_annotation, field_names
+from megaspec.train.balance import ExpertBiasUpdater
 
 REFUSED = "set, but no module of this model reads it"
 # Fields whose None means "derived": a value equal to the derived one is the same model, so it is not tried.
@@ -69,13 +70,19 @@ def candidates(annotation: Any, current: Any) -> list[Any]:
 
 
 def fingerprint(model: torch.nn.Module) -> tuple:
-    """What a model is and computes: module tree, tensor shapes and dtypes, train-mode outputs on fixed inputs."""
+    """What a model is and computes: module tree, tensor shapes and dtypes, train-mode outputs on fixed inputs, and
+    the tensors' values after the trainer's balancing step.
+
+    Values count too: a field may change how a weight is stored rather than what the first forward computes
+    (layernorm_zero_centered_gamma keeps gamma - 1, as HF's Gemma checkpoints do, and weight decay pulls it
+    to 0), or a buffer the trainer updates (moe_router_bias_update_rate).
+    """
     record = megaspec.build_record(model)
     # Each module's settings as its repr shows them (a model's context length, a norm's epsilon).
     tree = tuple(sorted((path, entry.name, module.extra_repr()) for path, module in model.named_modules()
                         if (entry := record.modules.get(path)) is not None))
-    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(),
-                                                                    *model.named_buffers()])
+    named = [*model.named_parameters(), *model.named_buffers()]
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in named)
     model.train()  # dropout is part of what the config decides
     inputs = model.example_inputs(batch=2, seq=8, device="cpu")
     ids = inputs.get("decoder_input_ids", inputs.get("input_ids"))
@@ -87,14 +94,19 @@ def fingerprint(model: torch.nn.Module) -> tuple:
     if "pixel_values" in inputs:
         inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape)
     labeled = getattr(model, "lm_head", True) is not None and ids is not None
+    balance = ExpertBiasUpdater(model)  # what the trainer does after a step: routers' expert biases move
     torch.manual_seed(2)
     out = model(**inputs, **({"labels": inputs.get("decoder_input_ids", inputs.get("input_ids"))} if labeled else {}))
     outputs = tuple((k, v.detach().clone()) for k, v in vars(out).items() if isinstance(v, torch.Tensor))
-    return tree, tensors, outputs
+    balance.step()
+    values = tuple(t.detach().clone() for _, t in named)
+    return tree, tensors, outputs, values
 
 
 def same(a: tuple, b: tuple) -> bool:
     if a[:2] != b[:2] or [k for k, _ in a[2]] != [k for k, _ in b[2]]:
+        return False
+    if not all(torch.equal(x, y) for x, y in zip(a[3], b[3], strict=True)):
         return False
     return all(x.shape == y.shape and torch.equal(x, y) for (_, x), (_, y) in zip(a[2], b[2], strict=True))
 

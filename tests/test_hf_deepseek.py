@@ -9,6 +9,7 @@ import megaspec
 from megaspec import SpecError, build_module
 from megaspec.interop.hf import from_hf, spec_from_hf, to_hf
 from megaspec.modules.attention.latent import MultiLatentAttention
+from megaspec.modules.moe.layer import MoELayer
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,6 +116,17 @@ def test_to_hf_gives_back_hf_outputs(make, tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids).logits, hf(input_ids).logits, atol=1e-5, rtol=0)
     assert_lm_parity(from_hf(tmp_path / "hf"), hf)  # and the saved directory converts again
+
+
+@pytest.mark.parametrize("make", [tiny_v3, tiny_v2], ids=["v3", "v2"])
+def test_every_layer_moe_converts_both_ways(make) -> None:
+    """With no dense layer nothing reads the dense width (HF intermediate_size), so it is not translated."""
+    hf = make(first_k_dense_replace=0)
+    ours = from_hf(hf)
+    assert "ffn_hidden_size" not in megaspec.build_record(ours).config.model_fields_set
+    assert all(isinstance(layer.mlp, MoELayer) for layer in ours.decoder.layers)
+    assert_lm_parity(ours, hf)
+    assert_lm_parity(ours, to_hf(ours).eval(), atol=1e-5)
 
 
 def test_to_hf_of_a_megaspec_built_model() -> None:

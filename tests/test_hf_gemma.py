@@ -56,6 +56,17 @@ def test_gemma2_caps_scores_and_logits_and_alternates_windows() -> None:
         assert lm_diffs(from_hf(tiny("gemma2", **change)), hf)["logits"] > 1e-3, change
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_only_global_layers_convert_without_a_window(family: str) -> None:
+    """With no sliding layer the spec's local node is unused and nothing reads a window: none is translated."""
+    hf = tiny(family, layer_types=["full_attention"] * 3)
+    ours = from_hf(hf)
+    assert "window_size" not in megaspec.build_record(ours).config.model_fields_set
+    assert [layer.self_attention.core_attention.window_size for layer in ours.decoder.layers] == [None] * 3
+    assert_lm_parity(ours, hf)
+    assert_round_trip(ours, hf)
+
+
 def test_gemma3_local_and_global_layers_rotate_with_their_own_bases() -> None:
     hf = tiny("gemma3")
     ours = from_hf(hf)

@@ -36,13 +36,14 @@ TINY: dict[str, list[str]] = {
     "qwen3": ["model=qwen3", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "phi3": ["model=phi3", *_fields("model.config", [*_TEXT, "num_query_groups=4", "window_size=[3,0]"])],
     "olmo2": ["model=olmo2", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
-    "gpt_neox": ["model=gpt_neox", *_fields("model.config", _TEXT)],
+    # One head of 32 channels: RoPE's 25% then turns 8 of them, as Llama's tiny heads do, so its base and scaling show.
+    "gpt_neox": ["model=gpt_neox", *_fields("model.config", [f for f in _TEXT if not f.startswith("num_attention_heads")]
+                                            + ["num_attention_heads=1"])],
     "falcon": ["model=falcon", *_fields("model.config", [*_TEXT, "num_query_groups=1"])],
     "falcon_40b": ["model=falcon_40b", *_fields("model.config", [*_TEXT, "num_query_groups=2"])],
-    "bloom": ["model=bloom", *_fields("model.config", _TEXT)],
+    "bloom": ["model=bloom", *_fields("model.config", _SIZES)],  # ALiBi: no position table
     "vit": ["model=vit", *_fields("model.config", ["num_layers=2", "hidden_size=32", "num_attention_heads=4",
-                                                   "ffn_hidden_size=64", "image_size=28", "patch_size=7",
-                                                   "max_position_embeddings=17"])],
+                                                   "ffn_hidden_size=64", "image_size=28", "patch_size=7"])],
     "gemma": ["model=gemma", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16"])],
     "gemma2": ["model=gemma2", *_fields("model.config", [*_TEXT, "num_query_groups=2", "kv_channels=16",
                                                          "window_size=[3,0]"])],

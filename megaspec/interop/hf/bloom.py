@@ -7,15 +7,20 @@ query_key_value is per head [q_h, k_h, v_h], megaspec's layout with one group pe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from megaspec.configs import Configs
 from megaspec.errors import SpecError
-from megaspec.interop.hf.core import Family, Rule, megatron_layer_rules, rule, shipped_spec, token_ids, unsupported
-
-# ALiBi has no position table: a length limit is never read.
-BLOOM_UNREAD = frozenset({"max_position_embeddings"})
+from megaspec.interop.hf.core import (
+    Family,
+    Rule,
+    megatron_layer_rules,
+    rule,
+    shipped_spec,
+    spec_activation,
+    token_ids,
+    unsupported,
+)
 
 
 class Bloom(Family):
@@ -25,7 +30,6 @@ class Bloom(Family):
     model_types = ("bloom",)
     hf_class = "BloomForCausalLM"
     requires = ("gpt_model", "alibi")
-    unread_fields: Mapping[str, frozenset[str]] = {"": BLOOM_UNREAD}
     architecture = "BLOOM"
 
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -37,13 +41,9 @@ class Bloom(Family):
             "hidden_size": c.hidden_size,
             "num_attention_heads": c.n_head,
             "ffn_hidden_size": 4 * c.hidden_size,
-            "vocab_size": c.vocab_size,
-            "max_position_embeddings": 2048,
-            "normalization": "LayerNorm",
+            "vocab_size": c.vocab_size,  # ALiBi has no position table: no max_position_embeddings
             "layernorm_epsilon": c.layer_norm_epsilon,
-            "activation": "gelu_tanh",
             "add_bias_linear": True,
-            "position_embedding_type": "none",
             "share_embeddings_and_output_weights": c.tie_word_embeddings,
             "hidden_dropout": c.hidden_dropout,
             "attention_dropout": c.attention_dropout,
@@ -51,12 +51,12 @@ class Bloom(Family):
         }
         return shipped_spec("bloom"), config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
         unsupported(self.architecture, add_bias_linear=(cfg.add_bias_linear, True), activation=(
-            cfg.activation, "gelu_tanh"))
+            spec_activation(spec, "decoder.layers.mlp.activation"), "gelu_tanh"))
         if cfg.ffn_size != 4 * cfg.hidden_size:
             raise SpecError(f"HF BLOOM's MLP is 4 x hidden_size ({4 * cfg.hidden_size}), got {cfg.ffn_size}")
         return transformers.BloomConfig(

@@ -301,17 +301,47 @@ def set_activations(spec: Any, name: str) -> None:
             set_activations(value, name)
 
 
-def spec_activation(spec: dict[str, Any], path: str) -> str:
-    """The activation module named at a dotted slot path of spec data (through a pattern's `nodes` too)."""
-    node: Any = spec
+def spec_node(spec: Any, path: str) -> Any:
+    """The node (a name, a mapping or a pattern) at a dotted slot path of spec data, through a pattern's `nodes`
+    too; None where a slot on the way is empty. Reads only: bare names stay bare."""
+    node = spec
     for part in path.split("."):
         if isinstance(node, str):
             node = {"module": node}
         subs = node.get("submodules", {}) if isinstance(node, dict) else {}
         node = subs[part] if part in subs else (node.get(part) if isinstance(node, dict) else None)
         if node is None:
-            raise SpecError(f"the spec has no module at '{path}'")
-    return node if isinstance(node, str) else node["module"]
+            return None
+    return node
+
+
+def spec_module(spec: Any, path: str) -> str | None:
+    """The module named at a dotted slot path of spec data (see spec_node); None where the slot is empty."""
+    node = spec_node(spec, path)
+    return node if isinstance(node, str) or node is None else node.get("module")
+
+
+def spec_activation(spec: dict[str, Any], path: str) -> str:
+    """The activation module named at a dotted slot path of spec data (through a pattern's `nodes` too)."""
+    name = spec_module(spec, path)
+    if name is None:
+        raise SpecError(f"the spec has no module at '{path}'")
+    return name
+
+
+def layers_module(spec: dict[str, Any], path: str, block: str = "decoder") -> str | None:
+    """The module every layer node of a block names at a slot path below it (None: empty in all).
+
+    HF gives every layer one setting (an activation, QK-norm or not), so layer nodes
+    that differ there (a pattern's nodes, say) are an error naming the choices.
+    """
+    layers = spec_node(spec, f"{block}.layers")
+    nodes = list(layers["nodes"].values()) if isinstance(layers, dict) and "pattern" in layers else [layers]
+    found = {spec_module(node, path) for node in nodes}
+    if len(found) > 1:
+        raise SpecError(f"the layers of {block} differ at '{path}' ({', '.join(sorted(map(str, found)))}); "
+                        "HF gives every layer the same")
+    return found.pop()
 
 
 def activation(hf_name: str, architecture: str) -> str:

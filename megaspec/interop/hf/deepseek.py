@@ -53,7 +53,7 @@ class DeepseekV3(Family):
         if not c.n_shared_experts:
             raise SpecError(f"unsupported {self.architecture} configuration: n_shared_experts={c.n_shared_experts} "
                             "(megaspec's DeepSeek layout has shared experts)")
-        return {
+        fields = {
             "num_layers": c.num_hidden_layers,
             "hidden_size": c.hidden_size,
             "num_attention_heads": c.num_attention_heads,
@@ -83,6 +83,9 @@ class DeepseekV3(Family):
             "moe_first_k_dense": c.first_k_dense_replace,
             "moe_router_topk_scaling_factor": None if c.routed_scaling_factor == 1.0 else c.routed_scaling_factor,
         }
+        if not c.first_k_dense_replace:  # intermediate_size is the dense layers' width: with none, nothing reads it
+            del fields["ffn_hidden_size"]
+        return fields
 
     def interleaved(self, c: Any) -> bool:
         """Whether the rotary part pairs adjacent channels (V3's rope_interleave; scores are the same either way
@@ -102,8 +105,8 @@ class DeepseekV3(Family):
             "moe_router_group_score_topk": 2 if grouped else None,
         }
 
-    def hf_kwargs(self, cfg: TransformerConfig) -> dict[str, Any]:
-        """Keyword arguments V2's and V3's HF configs share."""
+    def hf_kwargs(self, spec: dict[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
+        """Keyword arguments V2's and V3's HF configs share (the experts' activation is the config's)."""
         shared = cfg.moe_shared_expert_intermediate_size
         if shared is None or shared % cfg.moe_ffn_size:
             raise SpecError(f"HF {self.architecture} has n_shared_experts experts of moe_intermediate_size: "
@@ -137,13 +140,13 @@ class DeepseekV3(Family):
             **token_ids(cfg.vocab_size, bos_token_id=0, eos_token_id=1),
         }
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
         groups = cfg.moe_router_num_groups or 1
         return transformers.DeepseekV3Config(
-            **self.hf_kwargs(cfg), n_group=groups, topk_group=cfg.moe_router_group_topk or groups,
+            **self.hf_kwargs(spec, cfg), n_group=groups, topk_group=cfg.moe_router_group_topk or groups,
             norm_topk_prob=cfg.moe_router_topk > 1, rope_interleave=cfg.rotary_interleaved)
 
     def rules(self, configs: Configs) -> list[Rule]:
@@ -205,11 +208,11 @@ class DeepseekV2(DeepseekV3):
             "moe_router_group_score_topk": 1 if grouped else None,
         }
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
         grouped = cfg.moe_router_num_groups is not None
         return transformers.DeepseekV2Config(
-            **self.hf_kwargs(cfg), topk_method="group_limited_greedy" if grouped else "greedy",
+            **self.hf_kwargs(spec, cfg), topk_method="group_limited_greedy" if grouped else "greedy",
             n_group=cfg.moe_router_num_groups, topk_group=cfg.moe_router_group_topk, norm_topk_prob=False)

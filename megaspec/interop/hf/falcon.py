@@ -24,6 +24,7 @@ from megaspec.interop.hf.core import (
     node_at,
     rule,
     shipped_spec,
+    spec_activation,
     token_ids,
     unsupported,
 )
@@ -72,11 +73,8 @@ class Falcon(Family):
             "ffn_hidden_size": c.ffn_hidden_size,
             "vocab_size": c.vocab_size,
             "max_position_embeddings": c.max_position_embeddings,
-            "normalization": "LayerNorm",
             "layernorm_epsilon": c.layer_norm_epsilon,
-            "activation": act,
             "add_bias_linear": bool(c.bias),
-            "position_embedding_type": "rope",
             **rope_fields(c, self.architecture),
             "share_embeddings_and_output_weights": c.tie_word_embeddings,
             "hidden_dropout": c.hidden_dropout,
@@ -85,7 +83,7 @@ class Falcon(Family):
         }
         return spec, config
 
-    def hf_config_from(self, spec: dict[str, Any], configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
@@ -109,7 +107,7 @@ class Falcon(Family):
             vocab_size=cfg.vocab_size,
             max_position_embeddings=cfg.max_position_embeddings,
             layer_norm_epsilon=cfg.layernorm_epsilon,
-            activation=hf_activation(cfg.activation),
+            activation=hf_activation(spec_activation(spec, "decoder.layers.mlp.activation")),
             bias=cfg.add_bias_linear,
             alibi=False,
             rope_parameters=hf_rope(cfg),
@@ -119,9 +117,6 @@ class Falcon(Family):
             initializer_range=cfg.init_method_std,
             **token_ids(cfg.vocab_size, bos_token_id=11, eos_token_id=11),
         )
-
-    def hf_config(self, configs: Configs) -> Any:
-        return self.hf_config_from(shipped_spec("falcon"), configs)
 
     def rules(self, configs: Configs) -> list[Rule]:
         return self.rules_from(shipped_spec("falcon"), configs)

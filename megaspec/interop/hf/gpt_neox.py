@@ -20,6 +20,7 @@ from megaspec.interop.hf.core import (
     node_at,
     rule,
     shipped_spec,
+    spec_activation,
     token_ids,
     unsupported,
 )
@@ -51,11 +52,8 @@ class GPTNeoX(Family):
             "ffn_hidden_size": c.intermediate_size,
             "vocab_size": c.vocab_size,
             "max_position_embeddings": c.max_position_embeddings,
-            "normalization": "LayerNorm",
             "layernorm_epsilon": c.layer_norm_eps,
-            "activation": act,
             "add_bias_linear": True,
-            "position_embedding_type": "rope",
             **partial_rope_fields(c, self.architecture),
             "share_embeddings_and_output_weights": c.tie_word_embeddings,
             "hidden_dropout": c.hidden_dropout,
@@ -64,7 +62,7 @@ class GPTNeoX(Family):
         }
         return spec, config
 
-    def hf_config_from(self, spec: dict[str, Any], configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
@@ -77,7 +75,7 @@ class GPTNeoX(Family):
             vocab_size=cfg.vocab_size,
             max_position_embeddings=cfg.max_position_embeddings,
             layer_norm_eps=cfg.layernorm_epsilon,
-            hidden_act=hf_activation(cfg.activation),
+            hidden_act=hf_activation(spec_activation(spec, "decoder.layers.mlp.activation")),
             rope_parameters={**hf_rope(cfg), "partial_rotary_factor": cfg.rotary_percent},
             use_parallel_residual=layer_nodes(spec)[0]["module"] == PARALLEL,
             tie_word_embeddings=cfg.share_embeddings_and_output_weights,
@@ -87,9 +85,6 @@ class GPTNeoX(Family):
             attention_bias=True,
             **token_ids(cfg.vocab_size, bos_token_id=0, eos_token_id=2),
         )
-
-    def hf_config(self, configs: Configs) -> Any:
-        return self.hf_config_from(shipped_spec("gpt_neox"), configs)
 
     def rules(self, configs: Configs) -> list[Rule]:
         h, o = "gpt_neox.layers.{i}.", "decoder.layers.{i}."

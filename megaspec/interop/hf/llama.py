@@ -20,6 +20,7 @@ from megaspec.interop.hf.core import (
     halves,
     hf_activation,
     layer_nodes,
+    layers_module,
     node_at,
     rule,
     shipped_spec,
@@ -28,11 +29,14 @@ from megaspec.interop.hf.core import (
     token_ids,
     unsupported,
 )
-from megaspec.interop.hf.moe import aux_loss_coeff
+from megaspec.interop.hf.moe import aux_loss_coeff, hf_aux_loss
 from megaspec.interop.hf.rope import hf_rope, partial_rope_fields, rope_fields, rope_parameters
 
-__all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "partial_rope_fields", "rope_fields",
-           "rope_parameters"]
+__all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "partial_rope_fields", "qk_norm",
+           "rope_fields", "rope_parameters"]
+
+# HF per-layer norm names -> transformer_layer slots, for Llama's pre-norm layout.
+LLAMA_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "pre_mlp_layernorm"}
 
 
 class Llama(Family):
@@ -44,6 +48,7 @@ class Llama(Family):
     requires = ("gpt_model",)
     architecture = "Llama"
     spec_name = "llama"  # the shipped spec the translation starts from
+    norms = LLAMA_NORMS  # HF's layer norms -> the spec's norm slots
 
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         attention_bias = getattr(c, "attention_bias", False)
@@ -81,12 +86,15 @@ class Llama(Family):
         """TransformerConfig RoPE fields for the HF config."""
         return rope_fields(c, self.architecture)
 
-    # Where the spec names the MLP's activation (HF's hidden_act).
+    # Where the spec names the MLP's activation (HF's hidden_act), below each layer node.
     activation_path = "decoder.layers.mlp.activation"
 
     def hidden_act(self, spec: dict[str, Any], cfg: TransformerConfig) -> str:
-        """The MLPs' activation, megaspec's name."""
-        return spec_activation(spec, self.activation_path)
+        """The MLPs' activation, megaspec's name (the same in every layer node, as HF has one)."""
+        name = layers_module(spec, "mlp.activation")
+        if name is None:
+            raise SpecError(f"the spec has no module at '{self.activation_path}'")
+        return name
 
     def hf_kwargs(self, spec: dict[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
         """Keyword arguments of the HF config class."""
@@ -116,19 +124,29 @@ class Llama(Family):
         return transformers.LlamaConfig(**self.hf_kwargs(spec, cfg), attention_bias=bias, mlp_bias=bias)
 
     def rules(self, configs: Configs) -> list[Rule]:
-        return decoder_rules(configs[""])
+        return self.rules_from(shipped_spec(self.spec_name), configs)
+
+    def rules_from(self, spec: dict[str, Any], configs: Configs) -> list[Rule]:
+        return decoder_rules(configs[""], norms=self.norms, qk_norm=qk_norm(spec))
 
 
-# HF per-layer norm names -> transformer_layer slots, for Llama's pre-norm layout.
-LLAMA_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "pre_mlp_layernorm"}
+def qk_norm(spec: dict[str, Any]) -> bool:
+    """Whether the spec's decoder layers normalise queries and keys (q_layernorm and k_layernorm filled)."""
+    q, k = (layers_module(spec, f"self_attention.{slot}") for slot in ("q_layernorm", "k_layernorm"))
+    if (q is None) != (k is None):
+        raise SpecError("HF normalises queries and keys together: fill both q_layernorm and k_layernorm, or neither")
+    return q is not None
 
 
-def decoder_rules(cfg: TransformerConfig, mlp: bool = True, norms: dict[str, str] = LLAMA_NORMS) -> list[Rule]:
+
+def decoder_rules(cfg: TransformerConfig, mlp: bool = True, norms: dict[str, str] = LLAMA_NORMS,
+                  qk_norm: bool = False) -> list[Rule]:
     """Tensor rules of the Llama layout (`model.layers.{i}` <-> `decoder.layers.{i}`), MLP optional.
 
     `norms` maps each HF layer norm to its slot (sandwich-norm families name theirs
-    differently); per-head QK-norm (`self_attn.q_norm`, `k_norm`) follows config.qk_layernorm,
-    and q/k/v biases follow add_bias_linear or add_qkv_bias (Qwen2: q/k/v only).
+    differently); `qk_norm` adds the QK-norm weights (`self_attn.q_norm`, `k_norm`, filled
+    q_layernorm / k_layernorm slots in the spec), and q/k/v biases follow add_bias_linear
+    or add_qkv_bias (Qwen2: q/k/v only).
     """
     heads, groups = cfg.num_attention_heads, cfg.query_groups
 
@@ -150,7 +168,7 @@ def decoder_rules(cfg: TransformerConfig, mlp: bool = True, norms: dict[str, str
     for p in qkv_params:
         rules.append(rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
                           f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf))
-    if cfg.qk_layernorm:
+    if qk_norm:
         rules += [rule(f"{attn}q_norm.weight", f"{o}self_attention.q_layernorm.weight"),
                   rule(f"{attn}k_norm.weight", f"{o}self_attention.k_layernorm.weight")]
     for p in params:
@@ -239,9 +257,9 @@ class Mixtral(Mistral):
             num_experts_per_tok=cfg.moe_router_topk, **hf_aux_loss(cfg),
         )
 
-    def rules(self, configs: Configs) -> list[Rule]:
+    def rules_from(self, spec: dict[str, Any], configs: Configs) -> list[Rule]:
         h, o = "model.layers.{i}.mlp.", "decoder.layers.{i}.mlp."
-        return decoder_rules(configs[""], mlp=False) + [
+        return decoder_rules(configs[""], mlp=False, qk_norm=qk_norm(spec)) + [
             rule(f"{h}gate.weight", f"{o}router.weight"),
             rule(f"{h}experts.gate_up_proj", f"{o}experts.fc1_weight"),
             rule(f"{h}experts.down_proj", f"{o}experts.fc2_weight"),

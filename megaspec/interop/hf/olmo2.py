@@ -1,13 +1,14 @@
 """OLMo 2 (HF `Olmo2ForCausalLM`) <-> specs/olmo2.yaml: Llama's tensors, norms on the branch outputs,
-and QK-norm over the whole query and key projections."""
+and QK-norm over the whole query and key projections (the spec's q_layernorm / k_layernorm slots)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from megaspec.configs import Configs
-from megaspec.interop.hf.core import Rule, token_ids, unsupported
-from megaspec.interop.hf.llama import Llama, decoder_rules
+from megaspec.errors import SpecError
+from megaspec.interop.hf.core import token_ids, unsupported
+from megaspec.interop.hf.llama import Llama, qk_norm
 
 # HF's per-layer norms -> transformer_layer slots: both on the branch outputs.
 OUTPUT_NORMS = {"post_attention_layernorm": "self_attn_output_layernorm",
@@ -22,22 +23,20 @@ class Olmo2(Llama):
     hf_class = "Olmo2ForCausalLM"
     architecture = "OLMo 2"
     spec_name = "olmo2"
+    norms = OUTPUT_NORMS
 
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         unsupported(self.architecture, attention_bias=(c.attention_bias, False))
-        spec, config = super().spec_and_config(c)
-        config["qk_layernorm"] = True
-        return spec, config
+        return super().spec_and_config(c)
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
-        unsupported(self.architecture, add_bias_linear=(cfg.add_bias_linear, False),
-                    qk_layernorm=(cfg.qk_layernorm, True))
-        kwargs = {**self.hf_kwargs(cfg), **token_ids(cfg.vocab_size, pad_token_id=1, eos_token_id=50279)}
+        unsupported(self.architecture, add_bias_linear=(cfg.add_bias_linear, False))
+        if not qk_norm(spec):
+            raise SpecError(f"HF {self.architecture} normalises queries and keys: the spec's q_layernorm and "
+                            "k_layernorm slots are empty")
+        kwargs = {**self.hf_kwargs(spec, cfg), **token_ids(cfg.vocab_size, pad_token_id=1, eos_token_id=50279)}
         kwargs.pop("head_dim")  # OLMo 2's heads are hidden_size / heads
         return transformers.Olmo2Config(**kwargs, attention_bias=False)
-
-    def rules(self, configs: Configs) -> list[Rule]:
-        return decoder_rules(configs[""], norms=OUTPUT_NORMS)

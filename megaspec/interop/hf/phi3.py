@@ -38,12 +38,12 @@ class Phi3(Llama):
         config["hidden_dropout"] = c.resid_pdrop
         return spec, config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
         unsupported(self.architecture, add_bias_linear=(cfg.add_bias_linear, False))
-        kwargs = self.hf_kwargs(cfg)
+        kwargs = self.hf_kwargs(spec, cfg)
         kwargs["rope_parameters"] = {**hf_rope(cfg), "partial_rotary_factor": cfg.rotary_percent}
         original = getattr(cfg.rope_scaling, "original_max_position_embeddings", None)
         if original is not None:  # Phi3Config also keeps LongRoPE's original context at its top level
@@ -52,7 +52,7 @@ class Phi3(Llama):
         return transformers.Phi3Config(**kwargs, sliding_window=hf_sliding_window(cfg.window_size),
                                        resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout)
 
-    def rules(self, configs: Configs) -> list[Rule]:
+    def rules_from(self, spec: dict[str, Any], configs: Configs) -> list[Rule]:
         cfg = configs[""]
         heads, groups, d = cfg.num_attention_heads, cfg.query_groups, cfg.head_dim
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from megaspec.config import TransformerConfig
 from megaspec.configs import Configs
 from megaspec.errors import SpecError
-from megaspec.interop.hf.core import Rule, concat, halves, rule, set_activations, shipped_spec, unsupported
-from megaspec.interop.hf.llama import Llama, decoder_rules
+from megaspec.interop.hf.core import Rule, activation, concat, halves, rule, set_activations, shipped_spec, unsupported
+from megaspec.interop.hf.llama import Llama, decoder_rules, qk_norm
 from megaspec.interop.hf.moe import aux_loss_coeff, hf_aux_loss
 
 
@@ -38,10 +39,14 @@ class Qwen2Moe(Llama):
             raise SpecError(f"unsupported {self.architecture} configuration: num_experts={c.num_experts} "
                             "(a model without experts is Qwen2)")
         _, config = super().spec_and_config(c)
+        act = activation(self.hf_act(c), self.architecture)
         spec = shipped_spec("qwen2_moe")
-        set_activations(spec, config["activation"])
+        set_activations(spec, act)  # the shared expert's and the dense MLPs'
         flags = moe_layers(c)
+        if all(flags):  # intermediate_size is the dense MLPs' width: with none, nothing reads it
+            del config["ffn_hidden_size"]
         config.update(
+            activation=act,  # the routed experts' (their activation slot is empty)
             add_qkv_bias=bool(c.qkv_bias),
             num_moe_experts=c.num_experts,
             moe_router_topk=c.num_experts_per_tok,
@@ -55,7 +60,11 @@ class Qwen2Moe(Llama):
         )
         return spec, config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hidden_act(self, spec: dict[str, Any], cfg: TransformerConfig) -> str:
+        """The routed experts read their activation from the config (the spec's MLPs must match it)."""
+        return cfg.activation
+
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
@@ -64,15 +73,18 @@ class Qwen2Moe(Llama):
             raise SpecError("HF Qwen2-MoE has a shared expert: set moe_shared_expert_intermediate_size")
         dense = [i for i, kind in enumerate(cfg.moe_layer_pattern) if kind == "dense"]
         return transformers.Qwen2MoeConfig(
-            **self.hf_kwargs(cfg), qkv_bias=cfg.add_qkv_bias, num_experts=cfg.num_moe_experts,
+            **self.hf_kwargs(spec, cfg), qkv_bias=cfg.add_qkv_bias, num_experts=cfg.num_moe_experts,
             num_experts_per_tok=cfg.moe_router_topk, norm_topk_prob=not cfg.moe_router_pre_softmax,
             moe_intermediate_size=cfg.moe_ffn_size, decoder_sparse_step=1, mlp_only_layers=dense,
             shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size, **hf_aux_loss(cfg))
 
     def rules(self, configs: Configs) -> list[Rule]:
+        return self.rules_from(shipped_spec("qwen2_moe"), configs)
+
+    def rules_from(self, spec: dict[str, Any], configs: Configs) -> list[Rule]:
         h, o = "model.layers.{i}.mlp.", "decoder.layers.{i}.mlp."
         shared, ours = f"{h}shared_expert.", f"{o}shared_experts."
-        return decoder_rules(configs[""]) + [
+        return decoder_rules(configs[""], qk_norm=qk_norm(spec)) + [
             rule(f"{h}gate.weight", f"{o}router.weight"),
             rule(f"{h}experts.gate_up_proj", f"{o}experts.fc1_weight"),
             rule(f"{h}experts.down_proj", f"{o}experts.fc2_weight"),

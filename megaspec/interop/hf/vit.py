@@ -23,6 +23,7 @@ from megaspec.interop.hf.core import (
     node_at,
     rule,
     shipped_spec,
+    spec_activation,
     split_qkv,
     unsupported,
 )
@@ -51,20 +52,16 @@ class ViT(Family):
             "ffn_hidden_size": c.intermediate_size,
             "image_size": c.image_size,
             "patch_size": c.patch_size,
-            "num_channels": c.num_channels,
-            "max_position_embeddings": (c.image_size // c.patch_size) ** 2 + 1,  # patches + the class token
-            "normalization": "LayerNorm",
+            "num_channels": c.num_channels,  # one position per patch (and the class token): no position limit
             "layernorm_epsilon": c.layer_norm_eps,
-            "activation": act,
             "add_bias_linear": True,
-            "position_embedding_type": "learned_absolute",
             "hidden_dropout": c.hidden_dropout_prob,
             "attention_dropout": c.attention_probs_dropout_prob,
             "init_method_std": c.initializer_range,
         }
         return spec, config
 
-    def hf_config(self, configs: Configs) -> Any:
+    def hf_config(self, spec: dict[str, Any], configs: Configs) -> Any:
         import transformers
 
         cfg = configs[""]
@@ -74,7 +71,7 @@ class ViT(Family):
             num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_attention_heads,
             intermediate_size=cfg.ffn_size,
-            hidden_act=hf_activation(cfg.activation),
+            hidden_act=hf_activation(spec_activation(spec, "encoder.layers.mlp.activation")),
             hidden_dropout_prob=cfg.hidden_dropout,
             attention_probs_dropout_prob=cfg.attention_dropout,
             initializer_range=cfg.init_method_std,

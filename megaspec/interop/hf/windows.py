@@ -27,12 +27,13 @@ def shortest_cycle(names: list[str]) -> list[str]:
     return list(names)
 
 
-def apply_layer_types(spec: dict[str, Any], layer_types: list[str], sliding_window: int | None,
-                      architecture: str) -> tuple[int, int] | None:
-    """Make the spec's `decoder.layers` follow HF's `layer_types`; return the config's window_size.
+def apply_layer_types(spec: dict[str, Any], config: dict[str, Any], layer_types: list[str],
+                      sliding_window: int | None, architecture: str) -> None:
+    """Make the spec's `decoder.layers` follow HF's `layer_types`, and set the config's window_size if a layer slides.
 
     A spec with one layer node keeps it when every layer is alike, and otherwise
     becomes a pattern of that node (`local`) and a copy without the window (`global`).
+    With no local layer the window is left out of the config: nothing would read it.
     """
     unknown = sorted(set(layer_types) - set(NODE_FOR))
     if unknown:
@@ -50,7 +51,8 @@ def apply_layer_types(spec: dict[str, Any], layer_types: list[str], sliding_wind
     elif len(set(cycle)) > 1:
         local = layers
         block["layers"] = {"pattern": cycle, "nodes": {"local": local, "global": global_node(local)}}
-    return None if "local" not in names else (sliding_window - 1, 0)
+    if "local" in names:
+        config["window_size"] = (sliding_window - 1, 0)
 
 
 def global_node(local: dict[str, Any]) -> dict[str, Any]:
