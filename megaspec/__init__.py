@@ -2,6 +2,7 @@
 
 import megaspec.catalog  # noqa: F401  (registers the built-in modules before any plug-in or lookup)
 from megaspec.build import build_module, meta_forward
+from megaspec.cache import Cache, ContextCache, KVCache
 from megaspec.checkpoint import load, save
 from megaspec.compose import compose
 from megaspec.config import TransformerConfig
@@ -13,6 +14,9 @@ from megaspec.spec import ModuleSpec, load_spec, parse_spec
 
 __all__ = [
     "BuildRecord",
+    "Cache",
+    "ContextCache",
+    "KVCache",
     "ModuleSpec",
     "Problem",
     "Slot",

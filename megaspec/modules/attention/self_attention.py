@@ -5,6 +5,7 @@ from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
+from megaspec.cache import Cache, CacheUnsupported, KVCache
 from megaspec.config import TransformerConfig
 from megaspec.kinds import Rotary
 from megaspec.modules.position.rotary import apply_rotary
@@ -19,6 +20,9 @@ class SelfAttention(nn.Module):
     its nh/ng query heads, then its key head, then its value head:
     [q_0 .. q_{nh/ng-1}, k_0, v_0 | q_{nh/ng} .., k_1, v_1 | ...]. A contiguous run of
     groups is then a self-contained shard, so tensor parallelism can split by head.
+
+    For generation it caches the keys and values of its query groups only (`KVCache`),
+    and with a sliding window (config.window_size) only the positions the window sees.
     """
 
     # Tensor parallelism (megaspec.parallel.plans): whole query groups per rank, so each
@@ -63,6 +67,9 @@ class SelfAttention(nn.Module):
         # it is given (padding, a position bias), and takes the kernel's fast path when there is none.
         self.causal = attn_mask_type == "causal"
         self.ignore_mask = attn_mask_type == "no_mask"
+        # Positions a query sees, itself included: what a generation cache must keep (None: all).
+        window = config.window_size
+        self.cache_window = window[0] + 1 if window is not None and window[0] >= 0 else None
 
         qkv_size = (self.num_heads + 2 * self.num_query_groups) * self.head_dim
         self.linear_qkv = linear_qkv(
@@ -87,8 +94,20 @@ class SelfAttention(nn.Module):
             output_proj=True,
         )
 
+    def init_cache(self, cache: Cache) -> KVCache:
+        """Keys and values for generation; only a causal attention can be cached (later tokens change nothing)."""
+        if not self.causal:
+            raise CacheUnsupported(self, f"its attn_mask_type is '{self.attn_mask_type}': it attends to later "
+                                         "tokens, so its outputs change as tokens are generated; a decoder that "
+                                         "generates needs attn_mask_type 'causal'")
+        return KVCache(cache, window=self.cache_window)
+
     def forward(
-        self, hidden_states: Tensor, attention_mask: Tensor | None = None, rotary: Rotary | None = None
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        rotary: Rotary | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         b, s, _ = hidden_states.shape
         qkv = self.linear_qkv(hidden_states)  # [b, s, ng * (nh/ng + 2) * d]
@@ -106,13 +125,12 @@ class SelfAttention(nn.Module):
 
         if self.ignore_mask:
             attention_mask = None
-        out = self.core_attention(
-            query.transpose(1, 2),  # [b, nh, s, d]
-            key.transpose(1, 2),  # [b, ng, s, d]
-            value.transpose(1, 2),  # [b, ng, s, d]
-            attention_mask,
-            self.causal,
-        )  # [b, nh, s, d]
+        query = query.transpose(1, 2)  # [b, nh, s, d]
+        key = key.transpose(1, 2)  # [b, ng, s, d]
+        value = value.transpose(1, 2)  # [b, ng, s, d]
+        if cache is not None:  # generating: store this step's keys, attend over every cached one
+            key, value, attention_mask = cache.update(key, value, attention_mask)  # [b, ng, sk, d]
+        out = self.core_attention(query, key, value, attention_mask, self.causal)  # [b, nh, s, d]
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, s, nh * d]
         return self.linear_proj(out)  # [b, s, h]
 
