@@ -7,6 +7,7 @@ from megaspec.checkpoint import load, save
 from megaspec.compose import compose
 from megaspec.config import TransformerConfig
 from megaspec.errors import Problem, SpecError
+from megaspec.generation import generate
 from megaspec.inputs import build_model
 from megaspec.record import BuildRecord, build_record
 from megaspec.registry import Slot, entries, lookup, register
@@ -27,6 +28,7 @@ __all__ = [
     "build_record",
     "compose",
     "entries",
+    "generate",
     "load",
     "load_spec",
     "lookup",
