@@ -168,3 +168,21 @@ def test_each_cached_step_equals_a_full_forward(family: str, batch: int) -> None
     with torch.no_grad():
         full = full_logits(ours, family, given, out)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
+
+
+def test_t5_decoder_start_token_travels_with_the_model() -> None:
+    """A start token other than T5's 0: in the spec's params, back in to_hf's config, first in every output."""
+    from megaspec import build_record
+    from megaspec.interop.hf import to_hf
+
+    hf = t5()
+    hf.config.decoder_start_token_id = hf.generation_config.decoder_start_token_id = 7
+    ours = from_hf(hf)
+    assert ours.decoder_start_token_id == 7
+    assert build_record(ours).spec.to_dict()["params"] == {"decoder_start_token_id": 7}
+    assert to_hf(ours).config.decoder_start_token_id == 7
+    given = inputs("t5", 3)
+    with torch.no_grad():
+        want = hf.generate(**given, max_new_tokens=NEW, do_sample=False)
+    got = generate(ours, **given, max_new_tokens=NEW)
+    assert (got[:, 0] == 7).all() and torch.equal(got, want)
