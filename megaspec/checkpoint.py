@@ -6,6 +6,7 @@ A checkpoint is a directory:
                                 modules the spec uses (with their origin), the weights file,
                                 every tensor's dtype and shape, and tied names
     model-<token>.safetensors   the weights, each tensor stored once
+    (tokenizer files)           optional: what generation reads text with (megaspec/generation/tokenizer.py)
 
 The manifest is written last and is the commit point: each file is written to a
 temporary file in the same directory, fsynced and renamed into place, then the
@@ -181,11 +182,14 @@ def fill(model: nn.Module, tensors: Mapping[str, Tensor], device: str | torch.de
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModuleSpec | None = None,
-         config: Any = None) -> Path:
+         config: Any = None, tokenizer: str | None = None) -> Path:
     """Write `model` as a self-describing checkpoint directory; returns its path.
 
     The spec and config come from the model (`megaspec.build_module` records them)
-    unless given. An existing checkpoint at `path` is replaced atomically.
+    unless given. `tokenizer` names the model's tokenizer in the manifest: "bytes"
+    (what `megaspec train` uses) or a file the directory holds; without it,
+    generation reads the directory's tokenizer.json. An existing checkpoint at
+    `path` is replaced atomically.
     """
     spec, configs, allow = described(model, spec, config)
     root = resolve(spec, configs, allow)
@@ -205,6 +209,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModuleSpec | N
         "modules": _modules_used(root),
         "tensors": {n: f"{_dtype_name(t.dtype)} {list(t.shape)}" for n, t in stored.items()},
         "tied": tied,
+        **({"tokenizer": tokenizer} if tokenizer is not None else {}),
     }
     st = _safetensors()
     atomic_write(directory / weights,

@@ -1,4 +1,4 @@
-"""The `megaspec` command: build | train | validate | list | schema | convert."""
+"""The `megaspec` command: build | train | generate | validate | list | schema | convert."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ USAGE = """usage: megaspec COMMAND [ARGS]
 commands:
   build [OVERRIDES]   build a model from conf/ + specs/ and print its summary (Hydra overrides; --help)
   train [OVERRIDES]   train it: trainer.*, data=text|synthetic; torchrun for several processes
+  generate +checkpoint=DIR prompt=TEXT   continue a prompt with a saved, trained or HF model (--help)
   validate FILE...    check spec files without allocating weights
   list [KIND]         registered modules: name, kind, class, origin
   schema [-o FILE]    JSON Schema of the spec file format, for editors
@@ -143,9 +144,18 @@ def _convert(argv: list[str]) -> int:
     if args.to == "hf":
         to_hf(load(args.source), args.output)
     else:
+        from megaspec.generation.tokenizer import copy_tokenizer_files
+
         save(from_hf(args.source), args.output)
+        copy_tokenizer_files(args.source, args.output)  # so generation reads text as the HF model does
     print(f"wrote {args.output}")
     return 0
+
+
+def _generate(argv: list[str]) -> int:
+    from megaspec.generation.command import main
+
+    return main(argv)
 
 
 def _validate(argv: list[str]) -> int:
@@ -154,8 +164,8 @@ def _validate(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"build": _build, "train": _train, "validate": _validate, "list": _list, "schema": _schema,
-            "convert": _convert}
+COMMANDS = {"build": _build, "train": _train, "generate": _generate, "validate": _validate, "list": _list,
+            "schema": _schema, "convert": _convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

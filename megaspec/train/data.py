@@ -33,15 +33,16 @@ class ByteTokenizer:
 
 
 class TokenData:
-    """Random windows of seq_len tokens from one token stream."""
+    """Random windows of seq_len tokens from one token stream, and the tokenizer that made it."""
 
-    def __init__(self, tokens: Tensor, seq_len: int, seed: int) -> None:
+    def __init__(self, tokens: Tensor, seq_len: int, seed: int, tokenizer: ByteTokenizer | None = None) -> None:
         if tokens.numel() <= seq_len:
             raise SpecError(f"the corpus has {tokens.numel()} tokens, fewer than one sequence of "
                             f"trainer.seq_len={seq_len}; use a shorter seq_len or a larger corpus")
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
+        self.tokenizer = tokenizer
 
     def global_batch(self, step: int, size: int) -> Tensor:
         """The [size, seq_len] token ids of optimizer step `step` (0-based)."""
@@ -93,5 +94,5 @@ def make_data(data_cfg: dict, seq_len: int, seed: int, vocab_size: int) -> Token
                 f"model.config.vocab_size ({vocab_size}) is smaller than the byte tokenizer's "
                 f"{tokenizer.vocab_size} tokens; set model.config.vocab_size={tokenizer.vocab_size} "
                 "or data.fit_vocab_size=true")
-        return TokenData(tokenizer.encode(load_text(data_cfg.get("path"))), seq_len, seed)
+        return TokenData(tokenizer.encode(load_text(data_cfg.get("path"))), seq_len, seed, tokenizer)
     raise SpecError(f"data.name must be 'text' or 'synthetic', got {kind!r}")

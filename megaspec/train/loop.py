@@ -311,7 +311,9 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
             if env.world_size > 1:
                 dist.barrier()  # every shard is written before rank 0 reads them back
             if lead:
-                exported = checkpoint.export(path, spec, configs, allow, run_dir / "model")
+                # The tokenizer the data was read with travels with the model, for `megaspec generate`.
+                tokenizer = "bytes" if isinstance(getattr(data, "tokenizer", None), ByteTokenizer) else None
+                exported = checkpoint.export(path, spec, configs, allow, run_dir / "model", tokenizer)
                 out(f"model: {exported} (megaspec.load(path), or megaspec build +checkpoint=PATH)")
     if lead:
         assert metrics is not None
