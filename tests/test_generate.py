@@ -57,13 +57,15 @@ def attention_caches(run: Generation) -> list[KVCache]:
     return [layer["self_attention"] for layer in run.cache.state.layers]
 
 
-def test_gqa_caches_only_its_key_value_groups() -> None:
-    model = tiny("llama")  # 4 query heads in 2 groups
+@pytest.mark.parametrize("groups", [2, 1], ids=["gqa", "mqa"])
+def test_gqa_and_mqa_cache_only_their_key_value_groups(groups: int) -> None:
+    model = tiny("llama", f"model.config.num_query_groups={groups}")  # 4 query heads
     ids, mask = prompts()
     run = Generation(model, ids, attention_mask=mask, max_new_tokens=5)
-    list(run)
-    for cache in attention_caches(run):
-        assert cache.key.shape == (3, 2, 7 + 5, 8) and cache.value.shape == (3, 2, 7 + 5, 8)  # [b, groups, T, d]
+    out = torch.cat([run.prefix, torch.stack([s.tokens for s in run], dim=1)], dim=1)
+    for cache in attention_caches(run):  # [b, groups, prompt + new, d]
+        assert cache.key.shape == (3, groups, 7 + 5, 8) and cache.value.shape == (3, groups, 7 + 5, 8)
+    assert torch.equal(out, greedy_by_full_forwards(model, ids, mask, 5))
 
 
 def test_sliding_window_keeps_only_its_window() -> None:
@@ -269,10 +271,13 @@ def test_a_plugin_with_init_cache_must_take_the_cache() -> None:
     ({"max_new_tokens": 40}, "generation would reach position 42, but the position embedding holds 32 positions "
                              "(max_position_embeddings); shorten the prompt or generate fewer tokens"),
     ({"max_new_tokens": 2, "eos_token_id": -1}, "eos_token_id must be a token id or a list of them, got -1"),
+    ({"max_new_tokens": 2, "input_ids": torch.tensor([[1, 64]])}, "input_ids hold 64, outside the model's "
+                                                                  "vocabulary (0 .. 63); was the prompt read with "
+                                                                  "another tokenizer?"),
 ])
 def test_bad_requests_are_refused_with_a_message(kwargs: dict, message: str) -> None:
     with pytest.raises(SpecError) as exc:
-        generate(tiny("gpt2"), torch.ones(1, 3, dtype=torch.long), **kwargs)
+        generate(tiny("gpt2"), kwargs.pop("input_ids", torch.ones(1, 3, dtype=torch.long)), **kwargs)
     assert str(exc.value) == message
 
 

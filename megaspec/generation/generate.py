@@ -102,6 +102,7 @@ class Generation:
                 or input_ids.size(1) == 0:
             raise SpecError("input_ids must be token ids [batch, length] (an integer tensor, length >= 1), got "
                             f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        self._check_vocabulary(model, input_ids)
         self.sampler = Sampler(temperature, top_k, top_p, seed)
         self.eos = _eos_ids(eos_token_id)
         self.model = model
@@ -124,6 +125,20 @@ class Generation:
             length = p + max_new_tokens
         self.cache = new_cache(model, length, self.device)
         self.keeps_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @staticmethod
+    def _check_vocabulary(model: nn.Module, input_ids: Tensor) -> None:
+        """Token ids must index the vocabulary (a placeholder such as LLaVA's image token aside)."""
+        if not has_record(model):
+            return
+        vocab = build_record(model).config.vocab_size
+        outside = (input_ids < 0) | (input_ids >= vocab)
+        placeholder = getattr(model, "image_token_index", None)
+        if placeholder is not None:
+            outside &= input_ids != placeholder
+        if outside.any():
+            raise SpecError(f"input_ids hold {int(input_ids[outside][0])}, outside the model's vocabulary "
+                            f"(0 .. {vocab - 1}); was the prompt read with another tokenizer?")
 
     def _checked_mask(self, attention_mask: Tensor) -> Tensor:
         mask = attention_mask.to(self.device)
