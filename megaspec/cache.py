@@ -69,6 +69,11 @@ class CacheUnsupported(SpecError):
         super().__init__(reason)
 
 
+def window_positions(window_size: tuple[int, int] | None) -> int | None:
+    """How many positions a causal query sees, itself included, under config.window_size (None: all)."""
+    return window_size[0] + 1 if window_size is not None and window_size[0] >= 0 else None
+
+
 def child_cache(module: nn.Module, cache: Cache) -> Any:
     """`module.init_cache(cache)`: the state a parent passes back as `cache=`; refused if it declares none."""
     init = getattr(module, "init_cache", None)
@@ -188,4 +193,4 @@ class StackCache:
     layers: list[Any] = field(default_factory=list)
 
 
-__all__ = ["Cache", "CacheUnsupported", "ContextCache", "KVCache", "StackCache", "child_cache"]
+__all__ = ["Cache", "CacheUnsupported", "ContextCache", "KVCache", "StackCache", "child_cache", "window_positions"]

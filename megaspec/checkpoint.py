@@ -6,7 +6,8 @@ A checkpoint is a directory:
                                 modules the spec uses (with their origin), the weights file,
                                 every tensor's dtype and shape, and tied names
     model-<token>.safetensors   the weights, each tensor stored once
-    (tokenizer files)           optional: what generation reads text with (megaspec/generation/tokenizer.py)
+    tokenizer.json              optional: the tokenizer the model reads text with (megaspec train
+                                and megaspec convert write it; megaspec generate reads it)
 
 The manifest is written last and is the commit point: each file is written to a
 temporary file in the same directory, fsynced and renamed into place, then the
@@ -182,14 +183,11 @@ def fill(model: nn.Module, tensors: Mapping[str, Tensor], device: str | torch.de
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModuleSpec | None = None,
-         config: Any = None, tokenizer: str | None = None) -> Path:
+         config: Any = None) -> Path:
     """Write `model` as a self-describing checkpoint directory; returns its path.
 
     The spec and config come from the model (`megaspec.build_module` records them)
-    unless given. `tokenizer` names the model's tokenizer in the manifest: "bytes"
-    (what `megaspec train` uses) or a file the directory holds; without it,
-    generation reads the directory's tokenizer.json. An existing checkpoint at
-    `path` is replaced atomically.
+    unless given. An existing checkpoint at `path` is replaced atomically.
     """
     spec, configs, allow = described(model, spec, config)
     root = resolve(spec, configs, allow)
@@ -209,7 +207,6 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModuleSpec | N
         "modules": _modules_used(root),
         "tensors": {n: f"{_dtype_name(t.dtype)} {list(t.shape)}" for n, t in stored.items()},
         "tied": tied,
-        **({"tokenizer": tokenizer} if tokenizer is not None else {}),
     }
     st = _safetensors()
     atomic_write(directory / weights,

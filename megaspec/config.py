@@ -15,25 +15,15 @@ from functools import cached_property
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, TypeAdapter, ValidationError, model_validator
 from pydantic_core import InitErrorDetails
+
+from megaspec.rope import RopeScaling
 
 # params_dtype names -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "squared_relu", "silu", "quick_gelu"]
-
-
-class RopeScaling(BaseModel):
-    """Llama-3.1 RoPE frequency scaling (HF `rope_type: llama3`): long wavelengths slowed by `factor`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    rope_type: Literal["llama3"] = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: PositiveInt = 8192
 
 
 @dataclass(frozen=True)
@@ -76,6 +66,12 @@ def add_config_fields(owner: str, fields: Mapping[str, tuple[Any, Any]]) -> None
             _MODULE_FIELDS[name] = field
 
 
+def remove_config_fields(owner: str) -> None:
+    """Drop the fields module `owner` declared (when it is unregistered), so later configs no longer carry them."""
+    for name in [n for n, field in _MODULE_FIELDS.items() if field.owner == owner]:
+        del _MODULE_FIELDS[name]
+
+
 def module_fields() -> dict[str, ModuleField]:
     """The config fields modules declared, by name."""
     return dict(_MODULE_FIELDS)
@@ -111,6 +107,8 @@ class TransformerConfig(BaseModel):
     # Numerics.
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     layernorm_epsilon: float = 1e-5
+    # Norm weights stored as gamma - 1, so the scale is (1 + weight) and starts at zero (Gemma; Megatron's name).
+    layernorm_zero_centered_gamma: bool = False
     activation: Activation = "gelu"
     gated_linear_unit: bool = False
     add_bias_linear: bool = True
@@ -136,7 +134,7 @@ class TransformerConfig(BaseModel):
     # stream by 1/sqrt(2 * num_layers), as GPT-2 does.
     scaled_output_init: bool = True
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Llama-3.1 long-context RoPE scaling; None: plain RoPE.
+    # RoPE frequency scaling (megaspec/rope.py: llama3, linear, dynamic, yarn, longrope); None: plain RoPE.
     rope_scaling: RopeScaling | None = None
     # Sliding-window attention (Megatron's, flash-attn's convention): a query at i
     # sees keys i - left .. i + right; -1 is unbounded. Mistral's window W is (W - 1, 0).
@@ -150,6 +148,8 @@ class TransformerConfig(BaseModel):
     moe_shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(x . w)
     # Which layers are MoE: every N-th (layer i when i % N == 0), or one 0/1 per layer.
     moe_layer_freq: PositiveInt | list[int] = 1
+    # The first k layers keep the dense MLP whatever moe_layer_freq says (DeepSeek's first_k_dense_replace).
+    moe_first_k_dense: NonNegativeInt = 0
     moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
     moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (no renormalising)
     moe_router_topk_scaling_factor: float | None = None
@@ -196,6 +196,9 @@ class TransformerConfig(BaseModel):
                 raise ValueError(f"moe_layer_freq lists {len(freq)} layers but num_layers is {self.num_layers}")
             if any(v not in (0, 1) for v in freq):
                 raise ValueError(f"moe_layer_freq as a list holds one 0 (dense) or 1 (MoE) per layer, got {freq}")
+            if self.moe_first_k_dense:
+                raise ValueError("moe_first_k_dense applies to an every-N-th moe_layer_freq; a list already says "
+                                 "which layers are dense")
         experts = self.num_moe_experts
         if experts is None:
             return self
@@ -249,6 +252,12 @@ class TransformerConfig(BaseModel):
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        scaling = self.rope_scaling
+        if scaling is not None and scaling.rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(scaling, name)) != self.rotary_dim // 2:
+                    raise ValueError(f"rope_scaling.{name} holds {len(getattr(scaling, name))} factors but the "
+                                     f"rotary dimension {self.rotary_dim} has {self.rotary_dim // 2} frequencies")
         if self.window_size is not None and min(self.window_size) < -1:
             raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {self.window_size}")
         if self.layernorm_epsilon <= 0:
@@ -290,7 +299,7 @@ class TransformerConfig(BaseModel):
 
     @property
     def moe_layer_pattern(self) -> list[str]:
-        """'moe' or 'dense' per layer, from moe_layer_freq (all 'dense' without num_moe_experts).
+        """'moe' or 'dense' per layer, from moe_layer_freq and moe_first_k_dense (all dense without experts).
 
         A spec's layer list can follow it: `layers: {pattern: moe_layer_pattern, nodes: {dense: ..., moe: ...}}`.
         """
@@ -300,7 +309,7 @@ class TransformerConfig(BaseModel):
         elif isinstance(freq, list):
             flags = freq
         else:  # Megatron's convention: layer i is MoE when i % N == 0
-            flags = [int(i % freq == 0) for i in range(self.num_layers)]
+            flags = [int(i % freq == 0 and i >= self.moe_first_k_dense) for i in range(self.num_layers)]
         return ["moe" if f else "dense" for f in flags]
 
     def updated(self, **changes: Any) -> TransformerConfig:

@@ -23,7 +23,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-Rotary = tuple[Tensor, Tensor]  # (cos, sin) [b, s, 1, rot], from a rotary position embedding
+# (cos, sin) [b, s, 1, rot] from a rotary position embedding; or several such tables by name, for
+# models whose layers rotate differently (Gemma-3's local and global layers), each attention picking one.
+Rotary = tuple[Tensor, Tensor] | dict[str, tuple[Tensor, Tensor]]
 # Keywords a parent passes only to a child that defines the named method (see the module docstring).
 OPTIONAL_KEYWORDS = {"cache": "init_cache"}
 

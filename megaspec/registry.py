@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from megaspec.config import add_config_fields
+from megaspec.config import add_config_fields, remove_config_fields
 from megaspec.errors import RegistryError, did_you_mean
 from megaspec.kinds import KINDS as KIND_PROTOCOLS
 from megaspec.kinds import contract_problems, signature_text
@@ -157,8 +157,9 @@ def register(kind: str, name: str, *, override: bool = False) -> Callable[[T], T
 
 
 def unregister(name: str) -> None:
-    """Remove a name (tests and interactive use)."""
+    """Remove a name and the config fields it declared (tests and interactive use)."""
     _ENTRIES.pop(name, None)
+    remove_config_fields(name)
 
 
 def load_plugins(force: bool = False) -> dict[str, str]:

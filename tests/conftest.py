@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from toys import TOY_CONFIG, register_toys, unregister_toys  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Token files of the shipped corpus are cached per test session, not in the user's cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
 
 
 @pytest.fixture

@@ -64,3 +64,38 @@ def one_adamw_step(model: nn.Module) -> tuple[float, float]:
     with torch.no_grad():
         after = model(input_ids, attention_mask=mask, labels=labels).loss
     return loss.item(), after.item()
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every weight, bias, norm scale and saved buffer (a router's correction bias) moved off its initial value.
+
+    Norm scales start at one and biases at zero; a conversion that drops or swaps them
+    would still match an unperturbed model. Vectors move by 0.1, matrices by 0.02 (their init's scale).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                tensor.add_(noise * (0.1 if tensor.dim() == 1 else 0.02))
+    return model
+
+
+def perturbed(hf: nn.Module, scale: float = 0.05) -> nn.Module:
+    """Every weight nudged away from its init (HF starts norms at the identity, biases at zero), in eval mode."""
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return hf.eval()
+
+
+def assert_round_trip(ours: nn.Module, hf: nn.Module, **to_hf_kwargs) -> nn.Module:
+    """to_hf(ours) is an HF model of hf's class whose logits equal hf's; returns it."""
+    from megaspec.interop.hf import to_hf
+
+    back = to_hf(ours, **to_hf_kwargs)
+    assert type(back) is type(hf)
+    input_ids, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(back(input_ids, attention_mask=mask).logits, hf(input_ids, attention_mask=mask).logits)
+    return back

@@ -48,6 +48,14 @@ def test_declared_field_has_its_default_and_takes_overrides(capped) -> None:
     assert model.decoder.layers[0].mlp.cap == 5.0 and megaspec.build_record(model).config.mlp_output_cap == 5.0
 
 
+def test_unregistering_removes_the_fields() -> None:
+    """A field outlives no module: configs made after unregistering do not carry it (or differ from saved ones)."""
+    megaspec.register("mlp", "test_capped_mlp")(CappedMlp)
+    unregister("test_capped_mlp")
+    assert "mlp_output_cap" not in module_fields()
+    assert "mlp_output_cap" not in TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2).model_dump()
+
+
 def test_declared_field_is_type_checked_with_its_location(capped) -> None:
     with pytest.raises(SpecError) as exc:
         build_model(compose([*TINY["llama"], f"{MLP}=test_capped_mlp", "+model.config.mlp_output_cap=big"]))

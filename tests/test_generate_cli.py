@@ -16,7 +16,9 @@ import megaspec
 from megaspec.cli import main
 from megaspec.generation import Step, generate
 from megaspec.generation.command import stream
-from megaspec.generation.tokenizer import Bytes, load_tokenizer
+from megaspec.generation.tokenizer import load_tokenizer
+from megaspec.train.tokenizer import ByteTokenizer, load_tokenizer as load_training_tokenizer, save_tokenizer, \
+    train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
 # Appended to the README's training command: seconds instead of minutes.
@@ -51,7 +53,7 @@ def test_readme_trains_then_generates_from_the_run(tmp_path) -> None:
     ids = torch.tensor([list(prompt.encode())])
     out = generate(model, ids, max_new_tokens=int(options["max_new_tokens"]), temperature=float(options["temperature"]),
                    top_k=int(options["top_k"]), seed=int(options["seed"]))
-    assert stdout == prompt + Bytes().decode(out[0, ids.size(1):].tolist()) + "\n"
+    assert stdout == prompt + ByteTokenizer().decode(out[0, ids.size(1):].tolist()) + "\n"
 
 
 def test_a_model_trained_on_synthetic_tokens_has_no_tokenizer(tmp_path, capsys) -> None:
@@ -62,30 +64,41 @@ def test_a_model_trained_on_synthetic_tokens_has_no_tokenizer(tmp_path, capsys) 
     train(megaspec.compose(overrides), run_dir=tmp_path / "run", log=lambda _: None)
     assert main(["generate", f"+checkpoint={tmp_path / 'run'}", "prompt=hi"]) == 1
     assert capsys.readouterr().err.strip() == (
-        f"error: no tokenizer in {tmp_path / 'run' / 'model'}: it has no tokenizer.json, and its manifest names "
-        "none (`tokenizer: bytes` for a model trained on bytes)")
+        f"error: no tokenizer in {tmp_path / 'run' / 'model'}: it has no tokenizer.json (megaspec train writes "
+        "the one it trained with, megaspec convert copies an HF directory's)")
 
 
-def bpe_tokenizer(path: Path) -> int:
-    """A byte-level BPE trained on a few sentences, saved as tokenizer.json; its vocabulary size."""
-    tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat sat on the mat", "a dog ran to the cat", "the end of the story"] * 5, trainer)
-    tok.save(str(path))
-    return tok.get_vocab_size()
+def test_a_model_trained_with_a_bpe_generates_with_it(tmp_path, capsys) -> None:
+    from megaspec.train import train
+
+    pytest.importorskip("tokenizers")
+    overrides = ["model.config.num_layers=1", "model.config.hidden_size=32", "model.config.num_attention_heads=2",
+                 "data.tokenizer=bpe", "data.vocab_size=300", *FAST]
+    train(megaspec.compose(overrides), run_dir=tmp_path / "run", log=lambda _: None)
+    assert main(["generate", f"+checkpoint={tmp_path / 'run'}", "prompt=The old", "max_new_tokens=8"]) == 0
+    tokenizer = load_tokenizer(tmp_path / "run" / "model")
+    trained = load_training_tokenizer(tmp_path / "run" / "model")  # what the run trained with: a 300-token BPE
+    assert trained.vocab_size == 300 and tokenizer.encode("The old cat") == trained.encode("The old cat")
+    ids = torch.tensor([tokenizer.encode("The old")])
+    out = generate(megaspec.load(tmp_path / "run" / "model"), ids, max_new_tokens=8)
+    assert capsys.readouterr().out == "The old" + tokenizer.decode(out[0, ids.size(1):].tolist()) + "\n"
+
+
+def bpe_tokenizer(directory: Path) -> int:
+    """A byte-level BPE trained on a few sentences, saved as directory/tokenizer.json; its vocabulary size."""
+    pytest.importorskip("tokenizers")
+    tok = train_bpe(["the cat sat on the mat", "a dog ran to the cat", "the end of the story"] * 5, 300)
+    save_tokenizer(tok, directory)
+    return tok.vocab_size
 
 
 @pytest.fixture
 def hf_dir(tmp_path) -> Path:
-    """A tiny HF GPT-2 directory with a tokenizer.json, weights perturbed, eos = the tokenizer's <eos> (id 0)."""
+    """A tiny HF GPT-2 directory with a tokenizer.json, weights perturbed, eos = <|endoftext|> (id 0)."""
     transformers = pytest.importorskip("transformers")
     directory = tmp_path / "hf"
     directory.mkdir()
-    vocab = bpe_tokenizer(directory / "tokenizer.json")
+    vocab = bpe_tokenizer(directory)
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=64,
                                      bos_token_id=0, eos_token_id=0)
@@ -124,7 +137,7 @@ def test_streaming_holds_back_an_unfinished_character() -> None:
             writes.append(s)
             return super().write(s)
 
-    assert stream(steps, Bytes(), [], Out()) == text
+    assert stream(steps, ByteTokenizer(), [], Out()) == text
     assert writes == ["é", "!", "\n"]
 
 

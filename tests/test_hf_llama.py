@@ -96,16 +96,16 @@ def test_one_adamw_step_changes_both_losses_alike() -> None:
 
 
 def test_unsupported_architecture_is_named() -> None:
-    config = transformers.GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                                        intermediate_size=64, vocab_size=VOCAB)
-    hf = transformers.GPTNeoXForCausalLM(config)
-    with pytest.raises(SpecError, match=r"unsupported HF architecture 'gpt_neox' \(model_type 'gpt_neox'\)"):
+    config = transformers.GPTJConfig(n_layer=1, n_embd=32, n_head=2, rotary_dim=8, vocab_size=VOCAB)
+    hf = transformers.GPTJForCausalLM(config)
+    with pytest.raises(SpecError, match=r"unsupported HF architecture 'gptj' \(model_type 'gptj'\)"):
         from_hf(hf)
 
 
 def test_unsupported_rope_type_is_named() -> None:
-    hf = tiny_llama(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
-    with pytest.raises(SpecError, match=r"unsupported Llama configuration: rope_type 'linear'"):
+    hf = tiny_llama(rope_parameters={"rope_type": "proportional", "rope_theta": 10000.0})
+    with pytest.raises(SpecError, match=r"unsupported Llama configuration: rope_type 'proportional' \(megaspec "
+                                        r"supports 'default', 'llama3', 'linear', 'dynamic', 'yarn', 'longrope'\)"):
         from_hf(hf)
 
 

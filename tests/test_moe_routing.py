@@ -89,6 +89,29 @@ def test_group_limited_topk_chooses_only_inside_the_best_groups() -> None:
         assert set(indices[t].tolist()) == allowed  # 4 of the 4 experts in the 2 best groups
 
 
+@pytest.mark.parametrize("per_group", [1, 2])
+def test_group_score_sums_the_configured_number_of_best_experts(per_group: int) -> None:
+    """DeepSeek-V2 scores a group by its best expert, V3 by its best two, whatever k / group_topk is."""
+    r = router(moe_router_topk=4, moe_router_num_groups=2, moe_router_group_topk=1,
+               moe_router_group_score_topk=per_group)  # k / group_topk would be 4
+    x = tokens()
+    _, indices, _ = r(x)
+    logits = x @ r.weight.T
+    best = logits.view(T, 2, 4).topk(per_group, dim=-1).values.sum(-1).argmax(-1)  # [T]
+    for t in range(T):
+        assert {i // 4 for i in indices[t].tolist()} == {best[t].item()}
+    # The rule makes a difference on these tokens: by the default, some tokens pick another group.
+    default = router(moe_router_topk=4, moe_router_num_groups=2, moe_router_group_topk=1)(x)[1]
+    assert not torch.equal(default.sort(-1).values, indices.sort(-1).values)
+
+
+def test_group_score_topk_needs_groups_that_hold_it() -> None:
+    with pytest.raises(ValueError, match=r"moe_router_group_score_topk needs group-limited routing"):
+        router(moe_router_group_score_topk=2)
+    with pytest.raises(ValueError, match=r"moe_router_group_score_topk \(3\) must be <= the experts per group \(2\)"):
+        router(moe_router_topk=2, moe_router_num_groups=4, moe_router_group_topk=2, moe_router_group_score_topk=3)
+
+
 def test_capacity_drops_the_lowest_probabilities_and_counts_them() -> None:
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
     indices = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 3]])
@@ -168,6 +191,8 @@ def test_aux_and_z_loss_match_a_hand_computation() -> None:
          "moe_router_pre_softmax applies only to moe_router_score_function 'softmax'"),
         ({"moe_expert_capacity_factor": 0.0}, "moe_expert_capacity_factor must be positive or None, got 0.0"),
         ({"moe_shared_expert_gate": True}, "moe_shared_expert_gate needs moe_shared_expert_intermediate_size"),
+        ({"moe_layer_freq": [0, 1], "moe_first_k_dense": 1},
+         "moe_first_k_dense applies to an every-N-th moe_layer_freq; a list already says which layers are dense"),
     ],
 )  # fmt: skip
 def test_config_cross_field_rules(changes: dict, message: str) -> None:
@@ -180,6 +205,11 @@ def test_moe_layer_pattern_follows_moe_layer_freq() -> None:
     assert moe_config(num_layers=5, moe_layer_freq=2).moe_layer_pattern == ["moe", "dense", "moe", "dense", "moe"]
     assert moe_config(num_layers=3, moe_layer_freq=[0, 1, 1]).moe_layer_pattern == ["dense", "moe", "moe"]
     assert moe_config(num_moe_experts=None).moe_layer_pattern == ["dense", "dense"]
+    # The first k dense (DeepSeek), on top of every-N-th, for any number of layers.
+    assert moe_config(num_layers=5, moe_first_k_dense=2).moe_layer_pattern == ["dense"] * 2 + ["moe"] * 3
+    assert moe_config(num_layers=6, moe_layer_freq=2, moe_first_k_dense=3).moe_layer_pattern == [
+        "dense", "dense", "dense", "dense", "moe", "dense"]
+    assert moe_config(num_layers=2, moe_first_k_dense=3).moe_layer_pattern == ["dense", "dense"]
 
 
 def test_expert_bias_balancing_counts_every_micro_batch_and_nudges_the_load():

@@ -94,8 +94,8 @@ def test_bf16_autocast_trains(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(SpecError, match=r"model.config.vocab_size \(100\) is smaller than the byte "
-                                        r"tokenizer's 256 tokens; set model.config.vocab_size=256"):
+    with pytest.raises(SpecError, match=r"^model.config.vocab_size \(100\) is smaller than the tokenizer's 256 tokens "
+                                        r"\(byte\); set model.config.vocab_size=256 or data.fit_vocab_size=true$"):
         run(tmp_path, "model.config.vocab_size=100", "data.fit_vocab_size=false")
     with pytest.raises(SpecError, match=r"trainer.global_batch_size \(4\) must be a multiple of "
                                         r"trainer.micro_batch_size \(3\)"):

@@ -17,7 +17,11 @@ from megaspec.registry import Slot, register
 
 @register("model", "gpt_model")
 class GPTModel(nn.Module):
-    """embedding -> position_embedding -> decoder -> output_layer, with an HF-style causal LM loss."""
+    """embedding -> position_embedding -> embedding_layernorm -> decoder -> output_layer, with a causal LM loss.
+
+    `embedding_layernorm` (BLOOM's `word_embeddings_layernorm`) normalises the embeddings,
+    `inputs_embeds` included, before the first layer.
+    """
 
     # logits [b, s, vocab], labels [b, s] -> loss; also what a pipeline's last stage computes.
     loss_function = staticmethod(causal_lm_loss)
@@ -25,6 +29,7 @@ class GPTModel(nn.Module):
     slots: ClassVar[dict[str, Slot]] = {
         "embedding": Slot("embedding"),
         "position_embedding": Slot("position_embedding", required=False),
+        "embedding_layernorm": Slot("norm", required=False),
         "decoder": Slot("block"),
         "output_layer": Slot("head"),
     }
@@ -35,6 +40,7 @@ class GPTModel(nn.Module):
         *,
         embedding: nn.Module,
         position_embedding: nn.Module | None = None,
+        embedding_layernorm: nn.Module | None = None,
         decoder: nn.Module,
         output_layer: nn.Module,
     ) -> None:
@@ -43,6 +49,7 @@ class GPTModel(nn.Module):
         self.embedding_dropout = config.hidden_dropout
         self.embedding = embedding
         self.position_embedding = position_embedding
+        self.embedding_layernorm = nn.Identity() if embedding_layernorm is None else embedding_layernorm
         self.decoder = decoder
         self.output_layer = output_layer
         # Modules that leave an `aux_loss` tensor after each forward (MoE layers), found once
@@ -51,7 +58,7 @@ class GPTModel(nn.Module):
 
     def init_cache(self, cache: Cache) -> Any:
         """The decoder's cache, within the positions a learned position table holds."""
-        limit = getattr(self.position_embedding, "max_positions", None)
+        limit = getattr(self.position_embedding, "position_limit", None)
         if limit is not None and cache.max_length is not None and cache.max_length > limit:
             raise SpecError(f"generation would reach position {cache.max_length - 1}, but the position embedding "
                             f"holds {limit} positions (max_position_embeddings); shorten the prompt or "
@@ -79,6 +86,7 @@ class GPTModel(nn.Module):
         rotary = None
         if self.position_embedding is not None:
             hidden_states, rotary = self.position_embedding(hidden_states, position_ids)
+        hidden_states = self.embedding_layernorm(hidden_states)
         # After the position embedding, as in GPT-2 and Megatron: drop(token + position).
         hidden_states = F.dropout(hidden_states, self.embedding_dropout, self.training)
 

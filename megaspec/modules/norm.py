@@ -1,4 +1,8 @@
-"""Normalisation layers: LayerNorm, RMSNorm, and `norm`, which picks one from the config."""
+"""Normalisation layers: LayerNorm, RMSNorm, and `norm`, which picks one from the config.
+
+With `config.layernorm_zero_centered_gamma` (Gemma) a norm stores its scale as
+gamma - 1: it multiplies by (1 + weight), and its weight starts at zero.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +21,22 @@ class LayerNorm(nn.Module):
         super().__init__()
         self.hidden_size = config.hidden_size if hidden_size is None else hidden_size
         self.eps = config.layernorm_epsilon if eps is None else eps
+        self.zero_centered = config.layernorm_zero_centered_gamma
         dtype = params_dtype(config)
         self.weight = nn.Parameter(torch.empty(self.hidden_size, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(self.hidden_size, dtype=dtype))
 
     def init_weights(self) -> None:
-        """Scale ones, bias zeros: the identity affine map."""
-        nn.init.ones_(self.weight)
+        """Scale ones (weight zeros when zero-centred), bias zeros: the identity affine map."""
+        (nn.init.zeros_ if self.zero_centered else nn.init.ones_)(self.weight)
         nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:  # [..., h] -> [..., h]
-        return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
+        weight = self.weight + 1 if self.zero_centered else self.weight
+        return F.layer_norm(x, (self.hidden_size,), weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}"
+        return f"{self.hidden_size}, eps={self.eps}" + (", zero_centered_gamma" if self.zero_centered else "")
 
 
 @register("norm", "rms_norm")
@@ -41,17 +47,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.hidden_size = config.hidden_size if hidden_size is None else hidden_size
         self.eps = config.layernorm_epsilon if eps is None else eps
+        self.zero_centered = config.layernorm_zero_centered_gamma
         self.weight = nn.Parameter(torch.empty(self.hidden_size, dtype=params_dtype(config)))
 
     def init_weights(self) -> None:
-        """Scale ones."""
-        nn.init.ones_(self.weight)
+        """Scale ones (weight zeros when zero-centred)."""
+        (nn.init.zeros_ if self.zero_centered else nn.init.ones_)(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:  # [..., h] -> [..., h]
+        if self.zero_centered:
+            # As Gemma: normalise and scale in fp32, then round once to x's dtype.
+            scale = 1.0 + self.weight.float()
+            return (F.rms_norm(x.float(), (self.hidden_size,), None, self.eps) * scale).type_as(x)
         return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}"
+        return f"{self.hidden_size}, eps={self.eps}" + (", zero_centered_gamma" if self.zero_centered else "")
 
 
 @register("norm", "norm")

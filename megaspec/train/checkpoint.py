@@ -131,13 +131,11 @@ def load(state: TrainState, path: str | Path, model_config: dict[str, Any] | Non
     return found
 
 
-def export(path: Path, spec: Any, configs: Any, allow: tuple[str, ...], target: Path,
-           tokenizer: str | None = None) -> Path:
+def export(path: Path, spec: Any, configs: Any, allow: tuple[str, ...], target: Path) -> Path:
     """Read a DCP checkpoint's model weights into a plain model and save it as one megaspec checkpoint.
 
     Reading the checkpoint back (one process, no collectives) works for every layout,
-    pipeline stages included: the shards of all processes are on disk. `tokenizer`
-    names the tokenizer the model was trained with (see megaspec.save).
+    pipeline stages included: the shards of all processes are on disk.
     """
     from megaspec.build import build_module, materialize
     from megaspec.checkpoint import save as save_model
@@ -149,4 +147,4 @@ def export(path: Path, spec: Any, configs: Any, allow: tuple[str, ...], target: 
         warnings.filterwarnings("ignore", message=".*torch.distributed is .*")
         dcp.load({"train": {"model": weights}}, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(weights)
-    return save_model(model, target, tokenizer=tokenizer)
+    return save_model(model, target)

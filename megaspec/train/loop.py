@@ -31,9 +31,12 @@ from megaspec.inputs import model_inputs
 from megaspec.record import build_record
 from megaspec.summary import count_parameters, forward_flops
 from megaspec.train.balance import ExpertBiasUpdater
-from megaspec.train.data import ByteTokenizer, make_data, micro_batches
-from megaspec.train.metrics import MetricsFile, ProgressBar, peak_flops, plot_loss
+from megaspec.train.data import Prepared, datasets, micro_batches, prepare_data
+from megaspec.train.evaluate import held_out_loss, perplexity
+from megaspec.train.metrics import MetricsFile, ProgressBar, peak_flops, plot_loss, read_metrics
 from megaspec.train.optim import clip_grad_norm, lr_at, make_optimizer, set_lr
+from megaspec.train.record import RunRecord
+from megaspec.train.tokenizer import save_tokenizer
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # Root modules whose forward(input_ids, labels=input_ids) returns the next-token loss.
@@ -81,18 +84,26 @@ def _batch_sizes(opts: dict[str, Any], dp_size: int) -> tuple[int, int, int]:
     return global_bs, micro, global_bs // (micro * dp_size)
 
 
-def _fit_vocab(cfg: DictConfig, out: Callable[[str], None]) -> None:
-    """Text data is bytes: size the model's vocabulary to the tokenizer's unless told not to."""
+def _fit_vocab(cfg: DictConfig, prepared: Prepared, out: Callable[[str], None]) -> None:
+    """Size the model's vocabulary to the tokenizer's unless told not to."""
     data = cfg.get("data") or {}
     config = cfg.model.config
-    if data.get("name") != "text" or not data.get("fit_vocab_size", True) or "vocab_size" not in config:
+    if prepared.tokenizer is None or not data.get("fit_vocab_size", True) or "vocab_size" not in config:
         return
-    wanted = ByteTokenizer.vocab_size
+    wanted = prepared.tokenizer.vocab_size
     if config.vocab_size != wanted:
-        out(f"model.config.vocab_size: {config.vocab_size} -> {wanted} (byte tokenizer; "
+        out(f"model.config.vocab_size: {config.vocab_size} -> {wanted} (the tokenizer's; "
             "data.fit_vocab_size=false keeps the model's)")
         with open_dict(cfg):
             config.vocab_size = wanted
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Refuse models whose forward(input_ids, labels=input_ids) is not a next-token loss."""
+    root = build_record(model).modules[""].name
+    if root not in CAUSAL_LMS:
+        raise SpecError(f"megaspec train trains decoder-only language models ({', '.join(CAUSAL_LMS)} at the "
+                        f"spec root, e.g. model=gpt2, llama or mixtral); this model is '{root}'")
 
 
 def _parallelize(model: nn.Module, cfg: DictConfig, env: Dist, seed: int) -> tuple[nn.Module, Any]:
@@ -139,16 +150,27 @@ def _options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
-          ) -> list[dict[str, Any]]:
-    """Train the configured model; returns the per-step records (rank 0 also writes them to run_dir)."""
+          keep_process_group: bool = False) -> list[dict[str, Any]]:
+    """Train the configured model; returns the per-step records (rank 0 also writes them to run_dir).
+
+    `keep_process_group`: leave the torchrun process group this call starts open, for the
+    next run in the same processes (a sweep's next job); the caller ends it.
+    """
     cfg = copy.deepcopy(cfg)  # fitting the vocabulary edits it: leave the caller's alone
     opts, data_opts = _options(cfg)
     env = init_distributed(str(opts.get("device", "auto")))
     try:
-        return _train(cfg, opts, data_opts, env, Path(run_dir or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")),
-                      log)
+        run_dir = _agree_on_dir(Path(run_dir or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")), env)
+        record = RunRecord(run_dir, enabled=env.rank == 0)
+        try:
+            records = _train(cfg, opts, data_opts, env, run_dir, log, record)
+        except BaseException as exc:
+            record.fail(exc)
+            raise
+        record.finish()
+        return records
     finally:
-        if env.owns_group:
+        if env.owns_group and not keep_process_group:
             dist.destroy_process_group()
 
 
@@ -188,44 +210,67 @@ def _forward_backward(model: nn.Module, parallel: Any, batches: list[torch.Tenso
 
 
 def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env: Dist, run_dir: Path,
-           log: Callable[[str], None] | None) -> list[dict[str, Any]]:
+           log: Callable[[str], None] | None, record: RunRecord) -> list[dict[str, Any]]:
     lead = env.rank == 0
 
     def out(msg: str) -> None:
         if lead:
             (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
-    run_dir = _agree_on_dir(run_dir, env)
     seed, max_steps, seq_len = int(opts["seed"]), int(opts["max_steps"]), int(opts["seq_len"])
     precision = str(opts.get("precision", "fp32"))
     if precision not in PRECISIONS:
         raise SpecError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
-    _fit_vocab(cfg, out)
+    # Tokenized once into memory-mapped files that every process (and every later run) reuses.
+    prepared = prepare_data(data_opts, out)
+    _fit_vocab(cfg, prepared, out)
+    record.update(config=OmegaConf.to_container(cfg, resolve=True))
     spec, configs, allow = model_inputs(cfg)
     config = root_config(spec, configs)
     if seq_len > config.max_position_embeddings:
         raise SpecError(f"trainer.seq_len ({seq_len}) exceeds model.config.max_position_embeddings "
                         f"({config.max_position_embeddings})")
-    data = make_data(data_opts, seq_len, seed, config.vocab_size)
+    eval_every, eval_batches = int(opts.get("eval_every") or 0), opts.get("eval_batches")
+    if eval_batches is not None and int(eval_batches) < 1:
+        raise SpecError(f"trainer.eval_batches must be a positive number of batches, or null for every "
+                        f"held-out window; got {eval_batches}")
 
     # Meta build first: FLOPs are counted on it for free, then the plans are applied and
     # only this process's shards are materialised.
     model = build_module(spec, configs, device="meta", allow_imports=allow)
-    root = build_record(model).modules[""].name
-    if root not in CAUSAL_LMS:
-        raise SpecError(f"megaspec train trains decoder-only language models ({', '.join(CAUSAL_LMS)} at the "
-                        f"spec root, e.g. model=gpt2, llama or mixtral); this model is '{root}'")
+    check_causal_lm(model)
     n_params = count_parameters(model)
     fwd = forward_flops(model, seq_len)
     train_flops_per_token = 3 * fwd / seq_len if fwd else 6 * n_params  # backward costs twice the forward
     model, parallel = _parallelize(model, cfg, env, seed)
     dp_rank, dp_size = (parallel.dp_rank, parallel.dp_size) if parallel is not None else (env.rank, env.world_size)
     global_bs, micro_bs, accum = _batch_sizes(opts, dp_size)
+    data, held_out = datasets(prepared, seq_len, seed, config.vocab_size,
+                              None if eval_batches is None else int(eval_batches) * global_bs)
+    if eval_every and held_out is None:
+        raise SpecError(f"trainer.eval_every={eval_every} needs held-out data: set data.val_fraction (> 0) or "
+                        "data.val_path=FILE, or trainer.eval_every=0")
+    if eval_every and parallel is not None and parallel.schedule is not None:
+        raise SpecError("held-out evaluation under pipeline parallelism is not supported yet; "
+                        "set trainer.eval_every=0")
+    if eval_every and eval_batches is None and prepared.kind == "synthetic":
+        raise SpecError("trainer.eval_batches=null evaluates every held-out window, and synthetic data has no "
+                        "end; set trainer.eval_batches")
+    eval_count = held_out.batches(global_bs) if eval_every and held_out is not None else 0
+    if eval_every and eval_count == 0:
+        raise SpecError(f"the held-out split has fewer than one batch of trainer.global_batch_size={global_bs} "
+                        f"windows of {seq_len} tokens; hold out more (data.val_fraction) or set "
+                        "trainer.eval_batches")
+    eval_count = min(eval_count, int(eval_batches)) if eval_batches is not None else eval_count
     if parallel is not None and parallel.schedule is not None and (global_bs // dp_size) % parallel.config.microbatches:
         raise SpecError(f"the batch of each data-parallel rank ({global_bs // dp_size} sequences) must be a "
                         f"multiple of the pipeline's micro-batches ({parallel.config.microbatches}); "
                         "change trainer.global_batch_size or parallel.num_microbatches")
+    if opts.get("compile"):
+        from megaspec.train.compile import compile_layers
+
+        out(f"compiling {compile_layers(model)} transformer layers (torch.compile, each in place)")
     model.train()
     optimizer = make_optimizer(model, float(opts["lr"]), float(opts["weight_decay"]),
                                tuple(float(b) for b in opts["betas"]))  # type: ignore[arg-type]
@@ -248,7 +293,12 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
             f"global batch {global_bs} x {seq_len} tokens = {micro_bs} x {accum} accumulation x "
             f"{dp_size} data-parallel; {train_flops_per_token / 1e6:.2f} MFLOP/token; "
             f"peak {float(peak) / 1e9:.1f} GFLOP/s per device ({peak_source})")
+        out(f"data: {prepared.description}")
         out(f"run directory: {run_dir}")
+        if prepared.tokenizer is not None:
+            save_tokenizer(prepared.tokenizer, run_dir)
+    record.update(parameters=n_params, flops_per_token=train_flops_per_token, seq_len=seq_len,
+                  global_batch_size=global_bs, world_size=env.world_size, data=prepared.description)
 
     metrics = MetricsFile(run_dir / "metrics.jsonl") if lead else None
     bar = ProgressBar(max_steps, state.step) if lead and opts.get("progress", True) else None
@@ -289,15 +339,19 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
             raise SpecError(f"the loss is {loss} at step {state.step}; lower trainer.lr or use precision=fp32")
         tokens_per_s = global_bs * seq_len / elapsed
         mfu = train_flops_per_token * tokens_per_s / (float(peak) * env.world_size) if lead else None
-        record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_per_s, "mfu": mfu}
+        row = {"step": state.step, "tokens": state.step * global_bs * seq_len, "loss": loss, "lr": lr,
+               "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
         if len(means) > 1:
-            record["aux_loss"] = float(means[1])
-        records.append(record)
+            row["aux_loss"] = float(means[1])
+        if eval_every and (state.step % eval_every == 0 or state.step == max_steps):
+            row["val_loss"] = held_out_loss(model, held_out, eval_count, global_bs, micro_bs, dp_rank, dp_size,
+                                            env.device, autocast_dtype, lambda t: _mean_over_ranks(t, env))
+            row["val_perplexity"] = perplexity(row["val_loss"])
+        records.append(row)
         if metrics is not None:
-            metrics.write(record)
-        if bar is not None and (state.step % log_every == 0 or state.step == max_steps):
-            bar.update(state.step, loss, lr, tokens_per_s, mfu)
+            metrics.write(row)
+        if bar is not None and (state.step % log_every == 0 or state.step == max_steps or "val_loss" in row):
+            bar.update(state.step, loss, lr, tokens_per_s, mfu, row.get("val_loss"))
         if save_every and state.step % save_every == 0 and state.step < max_steps:
             checkpoint.save(state, ckpt_dir, {"model_config": model_config})
 
@@ -311,16 +365,16 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
             if env.world_size > 1:
                 dist.barrier()  # every shard is written before rank 0 reads them back
             if lead:
-                # The tokenizer the data was read with travels with the model, for `megaspec generate`.
-                tokenizer = "bytes" if isinstance(getattr(data, "tokenizer", None), ByteTokenizer) else None
-                exported = checkpoint.export(path, spec, configs, allow, run_dir / "model", tokenizer)
+                exported = checkpoint.export(path, spec, configs, allow, run_dir / "model")
+                if prepared.tokenizer is not None:
+                    save_tokenizer(prepared.tokenizer, exported)  # the model and its tokenizer travel together
                 out(f"model: {exported} (megaspec.load(path), or megaspec build +checkpoint=PATH)")
     if lead:
         assert metrics is not None
         metrics.close()
         out(f"metrics: {metrics.path}")
         title = f"{(cfg.get('sources') or {}).get('model', 'model')}, data={data_opts.get('name')}"
-        if plot_loss(records, run_dir / "loss.png", title=f"training loss ({title})"):
+        if plot_loss(read_metrics(metrics.path), run_dir / "loss.png", title=f"loss ({title})"):
             out(f"loss curve: {run_dir / 'loss.png'}")
         else:
             out("loss curve: skipped (pip install matplotlib, or megaspec[train])")

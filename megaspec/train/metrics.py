@@ -82,11 +82,13 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-def _si(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+def si(value: float, digits: int = 1) -> str:
+    """12345.0 -> '12.3k': SI prefixes up to T, a sign only for negatives."""
+    sign, value = ("-" if value < 0 else ""), abs(value)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}"
+            return f"{sign}{value / scale:.{digits}f}{unit}"
+    return f"{sign}{value:.0f}"
 
 
 class ProgressBar:
@@ -97,18 +99,23 @@ class ProgressBar:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.began = time.perf_counter()
+        self.val_loss: float | None = None
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None) -> None:
-        """Show progress after `step` steps are done."""
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None,
+               val_loss: float | None = None) -> None:
+        """Show progress after `step` steps are done (with the latest held-out loss, once there is one)."""
+        if val_loss is not None:
+            self.val_loss = val_loss
         frac = step / max(self.total, 1)
         filled = int(frac * self.width)
         elapsed = time.perf_counter() - self.began
         done = step - self.start
         remaining = elapsed / done * (self.total - step) if done else 0.0
         mfu_text = f" mfu {100 * mfu:.2f}%" if mfu is not None else ""
+        val_text = f" val {self.val_loss:.4f}" if self.val_loss is not None else ""
         line = (f"train {100 * frac:3.0f}%|{'#' * filled}{' ' * (self.width - filled)}| {step}/{self.total} "
-                f"[{_duration(elapsed)}<{_duration(remaining)}] loss {loss:.4f} lr {lr:.2e} "
-                f"tok/s {_si(tokens_per_s)}{mfu_text}")
+                f"[{_duration(elapsed)}<{_duration(remaining)}] loss {loss:.4f}{val_text} lr {lr:.2e} "
+                f"tok/s {si(tokens_per_s)}{mfu_text}")
         if self.tty:
             self.stream.write("\r" + line + "\033[K")
         else:
@@ -122,19 +129,30 @@ class ProgressBar:
             self.stream.flush()
 
 
-def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "training loss") -> bool:
-    """Draw loss against step into a PNG; False when matplotlib is not installed."""
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing to files only, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only: never open a window
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "loss") -> bool:
+    """Draw training loss, and held-out loss where evaluated, against step into a PNG; False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return False
     steps = [r["step"] for r in records]
-    losses = [r["loss"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(steps, losses, marker="." if len(steps) < 50 else None)
+    ax.plot(steps, [r["loss"] for r in records], marker="." if len(steps) < 50 else None, label="training")
+    held = [r for r in records if r.get("val_loss") is not None]
+    if held:
+        ax.plot([r["step"] for r in held], [r["val_loss"] for r in held], marker="o", label="held-out")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

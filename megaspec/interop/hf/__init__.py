@@ -21,18 +21,30 @@ from megaspec.config import DTYPES
 from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
 from megaspec.interop.hf.bert import Bert, BertForMaskedLM
+from megaspec.interop.hf.bloom import Bloom
 from megaspec.interop.hf.clip import CLIPVision
 from megaspec.interop.hf.core import Family, canonical, raise_problems, translate, unaliased
+from megaspec.interop.hf.deepseek import DeepseekV2, DeepseekV3
+from megaspec.interop.hf.falcon import Falcon
+from megaspec.interop.hf.gemma import Gemma, Gemma2, Gemma3
 from megaspec.interop.hf.gpt2 import GPT2
+from megaspec.interop.hf.gpt_neox import GPTNeoX
 from megaspec.interop.hf.llama import Llama, Mistral, Mixtral
 from megaspec.interop.hf.llava import Llava
+from megaspec.interop.hf.olmo2 import Olmo2
+from megaspec.interop.hf.phi3 import Phi3
+from megaspec.interop.hf.qwen import Qwen2, Qwen3
+from megaspec.interop.hf.qwen2_moe import Qwen2Moe
 from megaspec.interop.hf.t5 import T5
+from megaspec.interop.hf.vit import ViT
 from megaspec.record import described
 from megaspec.spec import ModuleSpec, parse_spec
 
 # Tried in this order by to_hf: the first whose HF config reproduces the model's spec and config wins.
 FAMILIES: list[Family] = [GPT2(), Llama(), Mistral(), Mixtral(), Bert(), BertForMaskedLM(), T5(), CLIPVision(),
-                          Llava()]
+                          Llava(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3(),
+                          Phi3(), Olmo2(), GPTNeoX(), Falcon(), Bloom(), ViT(), Qwen2Moe(), DeepseekV3(),
+                          DeepseekV2()]
 
 # Fields with no effect on what a model computes in eval mode: to_hf does not require HF to carry them.
 TRAINING_ONLY = {"hidden_dropout", "attention_dropout", "init_method_std", "scaled_output_init", "params_dtype"}
@@ -117,7 +129,7 @@ def from_hf(model_or_path: Any, *, device: str | torch.device = "cpu") -> nn.Mod
     spec, configs = spec_from_hf(hf.config, _float_dtype(hf_state), type(hf).__name__)
     model = build_module(spec, configs, device="meta")
     expected = dict(model.state_dict())
-    done = translate(hf_state, family.rules(configs), True, expected, "HF", "megaspec")
+    done = translate(hf_state, family.rules_from(spec.to_dict(), configs), True, expected, "HF", "megaspec")
     raise_problems(done.problems, f"HF {type(hf).__name__} -> megaspec")
     from megaspec.checkpoint import fill
 
@@ -134,14 +146,31 @@ def _normalised(data: Any) -> Any:
     return data
 
 
-def match_family(spec: ModuleSpec, configs: Configs) -> tuple[Family, Any]:
-    """The family whose HF config reproduces this spec and config exactly, and that HF config."""
+def _hf_config_errors() -> tuple[type[Exception], ...]:
+    """What an HF config raises for values its model cannot take (transformers 5's strict configs)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+def match_family(spec: ModuleSpec, configs: Configs, hf_class: str | None = None) -> tuple[Family, Any]:
+    """The family whose HF config reproduces this spec and config exactly, and that HF config.
+
+    Several HF classes may compute the same model (Phi-3 and Mistral): the first in
+    FAMILIES wins, unless `hf_class` names the one wanted.
+    """
+    families = [f for f in FAMILIES if hf_class in (None, f.hf_class)]
+    if not families:
+        known = ", ".join(dict.fromkeys(f.hf_class for f in FAMILIES))
+        raise SpecError(f"megaspec does not convert to HF class '{hf_class}'; it converts to: {known}")
     reasons = []
-    for family in FAMILIES:
+    for family in families:
         try:
             hf_config = family.hf_config_from(spec.to_dict(), configs)
             spec_data, config_data = family.spec_and_config(hf_config)
-        except (SpecError, KeyError, TypeError, ValueError) as exc:
+        except (SpecError, KeyError, TypeError, ValueError, *_hf_config_errors()) as exc:
             reasons.append(f"{family.name}: {exc}")
             continue
         if _normalised(parse_spec(spec_data).to_dict()) != _normalised(spec.to_dict()):
@@ -173,17 +202,20 @@ def _new_hf(cls: Any, hf_config: Any, dtype: torch.dtype) -> Any:
 
 
 def to_hf(model: nn.Module, save_directory: str | os.PathLike[str] | None = None, *,
-          spec: ModuleSpec | None = None, config: Any = None) -> Any:
-    """megaspec model -> the HF transformers model with the same weights (saved with save_pretrained on request)."""
+          spec: ModuleSpec | None = None, config: Any = None, hf_class: str | None = None) -> Any:
+    """megaspec model -> the HF transformers model with the same weights (saved with save_pretrained on request).
+
+    `hf_class` (e.g. "Phi3ForCausalLM") picks the HF class where several express the model.
+    """
     transformers = _transformers()
     spec, configs, _ = described(model, spec, config)
-    family, hf_config = match_family(spec, configs)
+    family, hf_config = match_family(spec, configs, hf_class)
     ours = {k: v for k, v in model.state_dict().items()}
     dtype = _float_dtype(ours)
     hf = _new_hf(getattr(transformers, family.hf_class), hf_config, dtype)
     family.adapt_hf(hf, configs)
     expected, aliases = unaliased(hf.state_dict())
-    done = translate(ours, family.rules(configs), False, expected, "megaspec", "HF")
+    done = translate(ours, family.rules_from(spec.to_dict(), configs), False, expected, "megaspec", "HF")
     raise_problems(done.problems, f"megaspec -> HF {family.hf_class}")
     tensors = {**done.tensors, **{alias: done.tensors[name] for alias, name in aliases.items()}}
     with torch.no_grad():

@@ -104,6 +104,20 @@ def halves(tensor: Tensor) -> tuple[Tensor, Tensor]:
     return gate, up
 
 
+def megatron_layer_rules(hf_layer: str, attention: str, params: Iterable[str]) -> list[Rule]:
+    """One layer's four projections under Megatron-LM's names, which BLOOM, Falcon and GPT-NeoX kept.
+
+    Their fused `query_key_value` is already megaspec's per-group layout, so every
+    tensor moves unchanged. `hf_layer` is the layer's HF prefix with `{i}`, `attention`
+    the attention module's name in it.
+    """
+    o = "decoder.layers.{i}."
+    names = {f"{attention}.query_key_value": "self_attention.linear_qkv",
+             f"{attention}.dense": "self_attention.linear_proj",
+             "mlp.dense_h_to_4h": "mlp.linear_fc1", "mlp.dense_4h_to_h": "mlp.linear_fc2"}
+    return [rule(f"{hf_layer}{hf}.{p}", f"{o}{ours}.{p}") for p in params for hf, ours in names.items()]
+
+
 # ---------------------------------------------------------------- translation
 
 
@@ -225,6 +239,10 @@ class Family(ABC):
     def rules(self, configs: Configs) -> list[Rule]:
         """The tensor-name rules for this size of model."""
 
+    def rules_from(self, spec: dict[str, Any], configs: Configs) -> list[Rule]:
+        """The rules for this spec (plain data) and size; override where HF's tensor names follow the layout."""
+        return self.rules(configs)
+
     def hf_state(self, hf_model: Any) -> dict[str, Tensor]:
         """The HF model's tensors under the names the rules use (those of `hf_class`)."""
         state = dict(hf_model.state_dict())
@@ -255,11 +273,32 @@ def node_at(spec: dict[str, Any], path: str) -> dict[str, Any]:
     return node
 
 
+def layer_nodes(spec: dict[str, Any], block: str = "decoder") -> list[dict[str, Any]]:
+    """The layer node(s) of a block: its one repeated node, or each node of its pattern."""
+    layers = node_at(spec, block)["submodules"]["layers"]
+    if isinstance(layers, dict) and "pattern" in layers:
+        return list(layers["nodes"].values())
+    return [node_at(spec, f"{block}.layers")]
+
+
 def set_slot(spec: dict[str, Any], path: str, value: Any) -> None:
     """Put `value` (a module name, node or None) into the slot at a dotted path."""
     parent, _, slot = path.rpartition(".")
     node = node_at(spec, parent) if parent else spec
     node.setdefault("submodules", {})[slot] = value
+
+
+def set_activations(spec: Any, name: str) -> None:
+    """Fill every `activation` slot in a spec (plain data) with `name`, however deep (MLPs, shared experts)."""
+    if isinstance(spec, dict):
+        subs = spec.get("submodules")
+        if isinstance(subs, dict) and "activation" in subs:
+            subs["activation"] = name
+        for value in spec.values():
+            set_activations(value, name)
+    elif isinstance(spec, list):
+        for value in spec:
+            set_activations(value, name)
 
 
 def activation(hf_name: str, architecture: str) -> str:

@@ -19,50 +19,19 @@ from megaspec.interop.hf.core import (
     fuse_qkv,
     halves,
     hf_activation,
+    layer_nodes,
+    node_at,
     rule,
     shipped_spec,
     split_qkv,
     token_ids,
     unsupported,
 )
+from megaspec.interop.hf.moe import aux_loss_coeff, hf_aux_loss
+from megaspec.interop.hf.rope import hf_rope, partial_rope_fields, rope_fields, rope_parameters
 
-
-def rope_parameters(c: Any) -> dict[str, Any]:
-    """The HF config's RoPE settings as one dict (transformers 5 `rope_parameters`, or 4's fields)."""
-    params = getattr(c, "rope_parameters", None)
-    if params:
-        return dict(params)
-    scaling = dict(getattr(c, "rope_scaling", None) or {})
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    return {"rope_theta": getattr(c, "rope_theta", 10000.0), **scaling}
-
-
-def rope_fields(c: Any, architecture: str) -> dict[str, Any]:
-    """TransformerConfig RoPE fields from an HF config; other RoPE types are a clear error."""
-    rope = rope_parameters(c)
-    kind = rope.get("rope_type", "default")
-    unsupported(architecture, partial_rotary_factor=(rope.get("partial_rotary_factor", 1.0), 1.0))
-    fields: dict[str, Any] = {"rotary_base": float(rope["rope_theta"])}
-    if kind == "llama3":
-        fields["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": rope["factor"],
-            "low_freq_factor": rope["low_freq_factor"],
-            "high_freq_factor": rope["high_freq_factor"],
-            "original_max_position_embeddings": rope["original_max_position_embeddings"],
-        }
-    elif kind != "default":
-        raise SpecError(f"unsupported {architecture} configuration: rope_type '{kind}' "
-                        "(megaspec supports 'default' and 'llama3')")
-    return fields
-
-
-def hf_rope(cfg: TransformerConfig) -> dict[str, Any]:
-    """TransformerConfig RoPE fields -> HF `rope_parameters`."""
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rotary_base}
-    if cfg.rope_scaling is not None:
-        rope.update(cfg.rope_scaling.model_dump())
-    return rope
+__all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "partial_rope_fields", "rope_fields",
+           "rope_parameters"]
 
 
 class Llama(Family):
@@ -73,13 +42,15 @@ class Llama(Family):
     hf_class = "LlamaForCausalLM"
     requires = ("gpt_model",)
     architecture = "Llama"
+    spec_name = "llama"  # the shipped spec the translation starts from
 
     def spec_and_config(self, c: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         attention_bias = getattr(c, "attention_bias", False)
         unsupported(self.architecture, mlp_bias=(getattr(c, "mlp_bias", False), attention_bias))
-        act = activation(c.hidden_act, self.architecture)
-        spec = shipped_spec("llama")
-        spec["submodules"]["decoder"]["submodules"]["layers"]["submodules"]["mlp"]["submodules"]["activation"] = act
+        act = activation(self.hf_act(c), self.architecture)
+        spec = shipped_spec(self.spec_name)
+        for layer in layer_nodes(spec):
+            node_at(layer, "mlp")["submodules"]["activation"] = act
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         config = {
             "num_layers": c.num_hidden_layers,
@@ -96,13 +67,21 @@ class Llama(Family):
             "gated_linear_unit": True,
             "add_bias_linear": attention_bias,
             "position_embedding_type": "rope",
-            **rope_fields(c, self.architecture),
+            **self.rope(c),
             "share_embeddings_and_output_weights": c.tie_word_embeddings,
             "hidden_dropout": 0.0,
             "attention_dropout": c.attention_dropout,
             "init_method_std": c.initializer_range,
         }
         return spec, config
+
+    def hf_act(self, c: Any) -> str:
+        """The HF config's activation name (its field differs by family)."""
+        return c.hidden_act
+
+    def rope(self, c: Any) -> dict[str, Any]:
+        """TransformerConfig RoPE fields for the HF config."""
+        return rope_fields(c, self.architecture)
 
     def hf_kwargs(self, cfg: TransformerConfig) -> dict[str, Any]:
         """Keyword arguments of the HF config class."""
@@ -135,8 +114,17 @@ class Llama(Family):
         return decoder_rules(configs[""])
 
 
-def decoder_rules(cfg: TransformerConfig, mlp: bool = True) -> list[Rule]:
-    """Tensor rules of the Llama layout (`model.layers.{i}` <-> `decoder.layers.{i}`), MLP optional."""
+# HF per-layer norm names -> transformer_layer slots, for Llama's pre-norm layout.
+LLAMA_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "pre_mlp_layernorm"}
+
+
+def decoder_rules(cfg: TransformerConfig, mlp: bool = True, norms: dict[str, str] = LLAMA_NORMS) -> list[Rule]:
+    """Tensor rules of the Llama layout (`model.layers.{i}` <-> `decoder.layers.{i}`), MLP optional.
+
+    `norms` maps each HF layer norm to its slot (sandwich-norm families name theirs
+    differently); per-head QK-norm (`self_attn.q_norm`, `k_norm`) follows config.qk_layernorm,
+    and q/k/v biases follow add_bias_linear or add_qkv_bias (Qwen2: q/k/v only).
+    """
     heads, groups = cfg.num_attention_heads, cfg.query_groups
 
     def to_ours(q: Any, k: Any, v: Any) -> tuple[Any]:
@@ -148,18 +136,20 @@ def decoder_rules(cfg: TransformerConfig, mlp: bool = True) -> list[Rule]:
     h, o = "model.layers.{i}.", "decoder.layers.{i}."
     attn = f"{h}self_attn."
     params = ("weight", "bias") if cfg.add_bias_linear else ("weight",)
+    qkv_params = ("weight", "bias") if cfg.add_bias_linear or cfg.add_qkv_bias else ("weight",)
     rules = [
         rule("model.embed_tokens.weight", "embedding.weight"),
         rule("model.norm.weight", "decoder.final_layernorm.weight"),
-        rule(f"{h}input_layernorm.weight", f"{o}input_layernorm.weight"),
-        rule(f"{h}post_attention_layernorm.weight", f"{o}pre_mlp_layernorm.weight"),
+        *(rule(f"{h}{hf}.weight", f"{o}{ours}.weight") for hf, ours in norms.items()),
     ]
+    for p in qkv_params:
+        rules.append(rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
+                          f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf))
+    if cfg.qk_layernorm:
+        rules += [rule(f"{attn}q_norm.weight", f"{o}self_attention.q_layernorm.weight"),
+                  rule(f"{attn}k_norm.weight", f"{o}self_attention.k_layernorm.weight")]
     for p in params:
-        rules += [
-            rule((f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"),
-                 f"{o}self_attention.linear_qkv.{p}", to_ours, to_hf),
-            rule(f"{attn}o_proj.{p}", f"{o}self_attention.linear_proj.{p}"),
-        ]
+        rules.append(rule(f"{attn}o_proj.{p}", f"{o}self_attention.linear_proj.{p}"))
         if mlp:
             rules += [
                 rule((f"{h}mlp.gate_proj.{p}", f"{h}mlp.up_proj.{p}"), f"{o}mlp.linear_fc1.{p}", concat, halves),
@@ -222,8 +212,7 @@ class Mixtral(Mistral):
             moe_router_topk=c.num_experts_per_tok,
             moe_ffn_hidden_size=c.intermediate_size,
             moe_layer_freq=1,
-            # HF adds its load-balancing loss only with output_router_logits; Megatron's loss is HF's / top-k.
-            moe_aux_loss_coeff=c.router_aux_loss_coef * c.num_experts_per_tok if c.output_router_logits else 0.0,
+            moe_aux_loss_coeff=aux_loss_coeff(c),
         )
         return spec, config
 
@@ -235,11 +224,9 @@ class Mixtral(Mistral):
                     moe_ffn_hidden_size=(cfg.moe_ffn_hidden_size, cfg.ffn_size))
         mistral = super().hf_config(configs)
         window = getattr(mistral, "sliding_window", None)
-        coeff = cfg.moe_aux_loss_coeff / cfg.moe_router_topk
         return transformers.MixtralConfig(
             **self.hf_kwargs(cfg), sliding_window=window, num_local_experts=cfg.num_moe_experts,
-            num_experts_per_tok=cfg.moe_router_topk, output_router_logits=coeff > 0,
-            router_aux_loss_coef=coeff if coeff > 0 else 0.001,
+            num_experts_per_tok=cfg.moe_router_topk, **hf_aux_loss(cfg),
         )
 
     def rules(self, configs: Configs) -> list[Rule]:

@@ -9,8 +9,15 @@ negative value where masked, as T5's), or None; `is_causal` asks for causality
 on top of any mask; and query head i reads key/value head i // (nh / ng) (GQA
 groups are contiguous).
 `softmax_scale` (a param) replaces 1/sqrt(d): T5 uses 1.0, having folded the
-scale into its initialisation.
+scale into its initialisation. Two config fields serve models whose scale and
+scores are sizes (Gemma-2/3): `query_pre_attn_scalar` s makes the scale s^-0.5,
+and `attn_logit_softcapping` c caps the scores at c * tanh(scores / c) before
+masking. The fused kernels cannot cap scores, so `sdpa` computes capped
+attention with explicit scores, as `eager` does.
 """
+
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,24 +58,86 @@ def combined_mask(attention_mask: Tensor | None, is_causal: bool, window: tuple[
     return attention_mask.masked_fill(~band, float("-inf")), False  # additive: -inf outside the band
 
 
-@register("core_attention", "sdpa")
-class SDPAttention(nn.Module):
-    """PyTorch's fused scaled_dot_product_attention (flash / memory-efficient kernels)."""
+def explicit_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                       is_causal: bool, scale: float, softcap: float | None,
+                       dropout: Callable[[Tensor], Tensor]) -> Tensor:
+    """Attention with the scores written out and an fp32 softmax (the reference, and the soft-capped path).
+
+    q [b, nh, sq, d], k and v [b, nh, sk, d] (groups already repeated); the mask as
+    combined_mask leaves it, `is_causal` top-left aligned as sdpa's.
+    """
+    scores = query @ key.transpose(-2, -1) * scale  # [b, nh, sq, sk]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        sq, sk = scores.shape[-2:]
+        causal = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    elif attention_mask is not None:  # additive: a position bias, masked entries very negative
+        scores = scores + attention_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return dropout(probs) @ value  # [b, nh, sq, d]
+
+
+class _CoreAttention(nn.Module):
+    """What both implementations read from the config: dropout, window, scale and score cap."""
+
+    config_fields: ClassVar[dict] = {
+        "query_pre_attn_scalar": (float | None, None),  # scale = query_pre_attn_scalar ** -0.5 (Gemma-2/3)
+        "attn_logit_softcapping": (float | None, None),  # scores -> c * tanh(scores / c) (Gemma-2)
+    }
 
     def __init__(self, config: TransformerConfig, *, softmax_scale: float | None = None) -> None:
         super().__init__()
-        self.dropout = config.attention_dropout
-        self.softmax_scale = softmax_scale  # None: sdpa's own 1/sqrt(d)
+        scalar = config.query_pre_attn_scalar
+        if softmax_scale is not None and scalar is not None:
+            raise ValueError(f"softmax_scale ({softmax_scale}) and config.query_pre_attn_scalar ({scalar}) both set "
+                             "the attention scale; set one")
+        if scalar is not None and scalar <= 0:
+            raise ValueError(f"config.query_pre_attn_scalar must be positive, got {scalar}")
+        if config.attn_logit_softcapping is not None and config.attn_logit_softcapping <= 0:
+            raise ValueError(f"config.attn_logit_softcapping must be positive, got {config.attn_logit_softcapping}")
+        self.softmax_scale = softmax_scale if scalar is None else scalar**-0.5  # None: 1/sqrt(d)
+        self.softcap = config.attn_logit_softcapping
         self.window_size = config.window_size
+        self.heads_per_group = config.num_attention_heads // config.query_groups
+
+    def explicit(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                 is_causal: bool, dropout: Callable[[Tensor], Tensor]) -> Tensor:
+        """explicit_attention with this module's scale and cap, K/V heads repeated per group."""
+        if self.heads_per_group > 1:
+            key = key.repeat_interleave(self.heads_per_group, dim=1)  # [b, nh, sk, d]
+            value = value.repeat_interleave(self.heads_per_group, dim=1)
+        scale = query.size(-1) ** -0.5 if self.softmax_scale is None else self.softmax_scale
+        return explicit_attention(query, key, value, attention_mask, is_causal, scale, self.softcap, dropout)
+
+    def extra_repr(self) -> str:
+        parts = [f"scale={self.softmax_scale}"] if self.softmax_scale is not None else []
+        parts += [f"softcap={self.softcap}"] if self.softcap is not None else []
+        parts += [f"window={self.window_size}"] if self.window_size is not None else []
+        return ", ".join(parts)
+
+
+@register("core_attention", "sdpa")
+class SDPAttention(_CoreAttention):
+    """PyTorch's fused scaled_dot_product_attention (flash / memory-efficient kernels)."""
+
+    def __init__(self, config: TransformerConfig, *, softmax_scale: float | None = None) -> None:
+        super().__init__(config, softmax_scale=softmax_scale)
+        self.dropout = config.attention_dropout
         # Decided once: sdpa then reads the shared K/V heads in place rather than
         # materialising nh / ng copies of them.
-        self.enable_gqa = config.query_groups != config.num_attention_heads
+        self.enable_gqa = self.heads_per_group > 1
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, is_causal: bool
     ) -> Tensor:
         attention_mask, is_causal = combined_mask(
             attention_mask, is_causal, self.window_size, query.size(-2), key.size(-2), query.device)
+        if self.softcap is not None:  # no fused kernel caps scores
+            return self.explicit(query, key, value, attention_mask, is_causal, self._dropout)
         return F.scaled_dot_product_attention(
             query,
             key,
@@ -80,36 +149,21 @@ class SDPAttention(nn.Module):
             enable_gqa=self.enable_gqa,
         )  # [b, nh, sq, d]
 
+    def _dropout(self, probs: Tensor) -> Tensor:
+        return F.dropout(probs, self.dropout, self.training)
+
 
 @register("core_attention", "eager")
-class EagerAttention(nn.Module):
+class EagerAttention(_CoreAttention):
     """The reference: explicit scores and an fp32 softmax. Slow; for checking and debugging."""
 
     def __init__(self, config: TransformerConfig, *, softmax_scale: float | None = None) -> None:
-        super().__init__()
+        super().__init__(config, softmax_scale=softmax_scale)
         self.dropout = nn.Dropout(config.attention_dropout)
-        self.heads_per_group = config.num_attention_heads // config.query_groups
-        self.softmax_scale = softmax_scale
-        self.window_size = config.window_size
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, is_causal: bool
     ) -> Tensor:
         attention_mask, is_causal = combined_mask(
             attention_mask, is_causal, self.window_size, query.size(-2), key.size(-2), query.device)
-        if self.heads_per_group > 1:
-            key = key.repeat_interleave(self.heads_per_group, dim=1)  # [b, nh, sk, d]
-            value = value.repeat_interleave(self.heads_per_group, dim=1)
-        scale = query.size(-1) ** -0.5 if self.softmax_scale is None else self.softmax_scale
-        scores = query @ key.transpose(-2, -1) * scale  # [b, nh, sq, sk]
-        if is_causal:
-            # Top-left aligned, as sdpa's is_causal: query i sees keys 0..i.
-            sq, sk = scores.shape[-2:]
-            causal = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        elif attention_mask is not None:  # additive: a position bias, masked entries very negative
-            scores = scores + attention_mask
-        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        return self.dropout(probs) @ value  # [b, nh, sq, d]
+        return self.explicit(query, key, value, attention_mask, is_causal, self.dropout)

@@ -5,10 +5,11 @@ from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
-from megaspec.cache import Cache, CacheUnsupported, KVCache
+from megaspec.cache import Cache, CacheUnsupported, KVCache, window_positions
 from megaspec.config import TransformerConfig
 from megaspec.kinds import Rotary
 from megaspec.modules.position.rotary import apply_rotary
+from megaspec.modules.position.rotary_tables import select_rotary
 from megaspec.registry import Slot, register
 
 
@@ -20,6 +21,11 @@ class SelfAttention(nn.Module):
     its nh/ng query heads, then its key head, then its value head:
     [q_0 .. q_{nh/ng-1}, k_0, v_0 | q_{nh/ng} .., k_1, v_1 | ...]. A contiguous run of
     groups is then a self-contained shard, so tensor parallelism can split by head.
+
+    QK-norm (`q_layernorm`, `k_layernorm`) normalises each head (Qwen3, Gemma-3), or with
+    `qk_layernorm_per_head: false` the whole query and key projections (OLMo-2). With
+    `rotary_table` the layer reads one of several named RoPE tables (Gemma-3's local and
+    global ones, from `local_global_rotary_embedding`).
 
     For generation it caches the keys and values of its query groups only (`KVCache`),
     and with a sliding window (config.window_size) only the positions the window sees.
@@ -50,6 +56,8 @@ class SelfAttention(nn.Module):
         config: TransformerConfig,
         *,
         attn_mask_type: Literal["causal", "padding", "no_mask"] = "causal",
+        qk_layernorm_per_head: bool = True,
+        rotary_table: str | None = None,
         linear_qkv: Callable[..., nn.Module],
         core_attention: nn.Module,
         linear_proj: Callable[..., nn.Module],
@@ -67,9 +75,8 @@ class SelfAttention(nn.Module):
         # it is given (padding, a position bias), and takes the kernel's fast path when there is none.
         self.causal = attn_mask_type == "causal"
         self.ignore_mask = attn_mask_type == "no_mask"
-        # Positions a query sees, itself included: what a generation cache must keep (None: all).
-        window = config.window_size
-        self.cache_window = window[0] + 1 if window is not None and window[0] >= 0 else None
+        self.rotary_table = rotary_table
+        self.cache_window = window_positions(config.window_size)  # what a generation cache must keep
 
         qkv_size = (self.num_heads + 2 * self.num_query_groups) * self.head_dim
         self.linear_qkv = linear_qkv(
@@ -84,8 +91,12 @@ class SelfAttention(nn.Module):
                 f"config.qk_layernorm is {config.qk_layernorm} but the spec fills "
                 f"q_layernorm={filled[0]}, k_layernorm={filled[1]}; fill both slots exactly when it is true"
             )
-        self.q_layernorm = q_layernorm(hidden_size=self.head_dim) if q_layernorm else nn.Identity()
-        self.k_layernorm = k_layernorm(hidden_size=self.head_dim) if k_layernorm else nn.Identity()
+        # Per head: a norm over d. Whole projection: over nh * d (queries) and ng * d (keys).
+        self.qk_layernorm_per_head = qk_layernorm_per_head
+        q_size = self.head_dim if qk_layernorm_per_head else self.num_heads * self.head_dim
+        k_size = self.head_dim if qk_layernorm_per_head else self.num_query_groups * self.head_dim
+        self.q_layernorm = q_layernorm(hidden_size=q_size) if q_layernorm else nn.Identity()
+        self.k_layernorm = k_layernorm(hidden_size=k_size) if k_layernorm else nn.Identity()
         self.core_attention = core_attention
         self.linear_proj = linear_proj(
             in_features=self.num_heads * self.head_dim,
@@ -117,9 +128,14 @@ class SelfAttention(nn.Module):
         key = key.squeeze(3)  # [b, s, ng, d]
         value = value.squeeze(3)  # [b, s, ng, d]
 
-        query = self.q_layernorm(query)
-        key = self.k_layernorm(key)
+        if self.qk_layernorm_per_head:
+            query = self.q_layernorm(query)
+            key = self.k_layernorm(key)
+        else:  # heads side by side, in the order of the unfused projections
+            query = self.q_layernorm(query.flatten(2)).view(b, s, self.num_heads, self.head_dim)
+            key = self.k_layernorm(key.flatten(2)).view(b, s, self.num_query_groups, self.head_dim)
         if rotary is not None:
+            rotary = select_rotary(rotary, self.rotary_table)
             query = apply_rotary(query, rotary, self.rotary_interleaved)
             key = apply_rotary(key, rotary, self.rotary_interleaved)
 
@@ -135,7 +151,8 @@ class SelfAttention(nn.Module):
         return self.linear_proj(out)  # [b, s, h]
 
     def extra_repr(self) -> str:
+        table = f", rotary_table={self.rotary_table}" if self.rotary_table is not None else ""
         return (
             f"heads={self.num_heads}, query_groups={self.num_query_groups}, "
-            f"head_dim={self.head_dim}, attn_mask_type={self.attn_mask_type}"
+            f"head_dim={self.head_dim}, attn_mask_type={self.attn_mask_type}{table}"
         )

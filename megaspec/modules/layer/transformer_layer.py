@@ -23,30 +23,36 @@ def _cached(cache: dict[str, Any] | None, slot: str) -> dict[str, Any]:
 
 @register("layer", "transformer_layer")
 class TransformerLayer(nn.Module):
-    """x = post(x + drop(attn(pre(x)))) for each branch: self-attention, cross-attention, MLP.
+    """x = post(x + drop(out(branch(pre(x))))) for each branch: self-attention, cross-attention, MLP.
 
     Slot names are Megatron-Core's. An empty attention, cross-attention or MLP slot
     skips that residual branch; an empty norm slot is the identity. Where the norm
     sits is the spec's choice, not a code path: pre-LN (GPT, Llama, T5) fills the
-    `input_layernorm`/`pre_*` slots, post-LN (BERT) the `post_*` ones.
+    `input_layernorm`/`pre_*` slots, post-LN (BERT) the `post_*` ones, and "sandwich"
+    norms (Gemma-2/3; OLMo-2 without the pre-norms) the `*_output_layernorm` ones,
+    which normalise a branch's output before it is added to the residual.
     """
 
     # Sequence parallelism (megaspec.parallel.plans): norms run on this rank's slice of the sequence.
     tp_plan: ClassVar[dict[str, str]] = {
         name: "sequence_parallel"
-        for name in ("input_layernorm", "post_self_attn_layernorm", "pre_cross_attn_layernorm",
-                     "post_cross_attn_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm")
+        for name in ("input_layernorm", "self_attn_output_layernorm", "post_self_attn_layernorm",
+                     "pre_cross_attn_layernorm", "cross_attn_output_layernorm", "post_cross_attn_layernorm",
+                     "pre_mlp_layernorm", "mlp_output_layernorm", "post_mlp_layernorm")
     }
 
     slots: ClassVar[dict[str, Slot]] = {
         "input_layernorm": Slot("norm", required=False),
         "self_attention": Slot("self_attention", required=False),
+        "self_attn_output_layernorm": Slot("norm", required=False),
         "post_self_attn_layernorm": Slot("norm", required=False),
         "pre_cross_attn_layernorm": Slot("norm", required=False),
         "cross_attention": Slot("cross_attention", required=False),
+        "cross_attn_output_layernorm": Slot("norm", required=False),
         "post_cross_attn_layernorm": Slot("norm", required=False),
         "pre_mlp_layernorm": Slot("norm", required=False),
         "mlp": Slot(("mlp", "moe"), required=False),
+        "mlp_output_layernorm": Slot("norm", required=False),
         "post_mlp_layernorm": Slot("norm", required=False),
     }
 
@@ -56,24 +62,30 @@ class TransformerLayer(nn.Module):
         *,
         input_layernorm: nn.Module | None = None,
         self_attention: nn.Module | None = None,
+        self_attn_output_layernorm: nn.Module | None = None,
         post_self_attn_layernorm: nn.Module | None = None,
         pre_cross_attn_layernorm: nn.Module | None = None,
         cross_attention: nn.Module | None = None,
+        cross_attn_output_layernorm: nn.Module | None = None,
         post_cross_attn_layernorm: nn.Module | None = None,
         pre_mlp_layernorm: nn.Module | None = None,
         mlp: nn.Module | None = None,
+        mlp_output_layernorm: nn.Module | None = None,
         post_mlp_layernorm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = _or_identity(input_layernorm)
         self.self_attention = self_attention
+        self.self_attn_output_layernorm = _or_identity(self_attn_output_layernorm)
         self.post_self_attn_layernorm = _or_identity(post_self_attn_layernorm)
         self.pre_cross_attn_layernorm = _or_identity(pre_cross_attn_layernorm)
         self.cross_attention = cross_attention
+        self.cross_attn_output_layernorm = _or_identity(cross_attn_output_layernorm)
         self.post_cross_attn_layernorm = _or_identity(post_cross_attn_layernorm)
         self.pre_mlp_layernorm = _or_identity(pre_mlp_layernorm)
         self.mlp = mlp
+        self.mlp_output_layernorm = _or_identity(mlp_output_layernorm)
         self.post_mlp_layernorm = _or_identity(post_mlp_layernorm)
 
     def init_cache(self, cache: Cache) -> dict[str, Any]:
@@ -96,6 +108,7 @@ class TransformerLayer(nn.Module):
         if self.self_attention is not None:
             x = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask, rotary=rotary,
                                     **_cached(cache, "self_attention"))
+            x = self.self_attn_output_layernorm(x)
             hidden_states = self.post_self_attn_layernorm(self._residual(hidden_states, x))
         if self.cross_attention is not None:
             # Queries from the layer, keys and values from `context` [b, sk, h] (an encoder's output).
@@ -103,8 +116,9 @@ class TransformerLayer(nn.Module):
                 self.pre_cross_attn_layernorm(hidden_states), context=context, attention_mask=context_mask,
                 **_cached(cache, "cross_attention"),
             )
+            x = self.cross_attn_output_layernorm(x)
             hidden_states = self.post_cross_attn_layernorm(self._residual(hidden_states, x))
         if self.mlp is not None:
-            x = self.mlp(self.pre_mlp_layernorm(hidden_states))
+            x = self.mlp_output_layernorm(self.mlp(self.pre_mlp_layernorm(hidden_states)))
             hidden_states = self.post_mlp_layernorm(self._residual(hidden_states, x))
         return hidden_states

@@ -1,7 +1,10 @@
 """The top-k router: which experts each token goes to, with what weight, and the balancing losses."""
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
@@ -32,6 +35,10 @@ class TopKRouter(nn.Module):
     is dropped: probability 0 and index E (no expert).
     """
 
+    # Group-limited routing: a group scores the sum of its best N experts (None: k / group_topk,
+    # Megatron-Core's rule; DeepSeek-V3 uses 2, DeepSeek-V2's group_limited_greedy 1).
+    config_fields: ClassVar[dict] = {"moe_router_group_score_topk": (PositiveInt | None, None)}
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.num_experts = require_experts(config, "topk_router")
@@ -40,6 +47,14 @@ class TopKRouter(nn.Module):
         self.pre_softmax = config.moe_router_pre_softmax
         self.num_groups = config.moe_router_num_groups
         self.group_topk = config.moe_router_group_topk
+        self.group_score_topk = config.moe_router_group_score_topk
+        if self.group_score_topk is not None:
+            if self.num_groups is None:
+                raise ValueError("config.moe_router_group_score_topk needs group-limited routing "
+                                 "(moe_router_num_groups and moe_router_group_topk)")
+            if self.group_score_topk > self.num_experts // self.num_groups:
+                raise ValueError(f"config.moe_router_group_score_topk ({self.group_score_topk}) must be <= the "
+                                 f"experts per group ({self.num_experts // self.num_groups})")
         self.scaling_factor = config.moe_router_topk_scaling_factor
         self.capacity_factor = config.moe_expert_capacity_factor
         self.drop_policy = config.moe_token_drop_policy
@@ -63,16 +78,17 @@ class TopKRouter(nn.Module):
         if self.score_function == "softmax":
             if self.pre_softmax:  # probabilities over all experts, kept as they are
                 scores = F.softmax(logits, dim=-1)
-                indices = select_topk(scores, self.topk, self.num_groups, self.group_topk)
+                indices = select_topk(scores, self.topk, self.num_groups, self.group_topk, self.group_score_topk)
                 probs = scores.gather(1, indices)
             else:  # softmax over the chosen k only: weights sum to 1 (Mixtral)
-                indices = select_topk(logits, self.topk, self.num_groups, self.group_topk)
+                indices = select_topk(logits, self.topk, self.num_groups, self.group_topk, self.group_score_topk)
                 probs = F.softmax(logits.gather(1, indices), dim=-1)
         else:
             scores = torch.sigmoid(logits)
             # The bias only steers which experts are chosen, never their weights (DeepSeek-V3).
             chosen_by = scores if self.expert_bias is None else scores + self.expert_bias
-            indices = select_topk(chosen_by, self.topk, self.num_groups, self.group_topk)
+            indices = select_topk(chosen_by, self.topk, self.num_groups, self.group_topk,
+                                  self.group_score_topk)
             probs = scores.gather(1, indices)
             if self.topk > 1:
                 probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)

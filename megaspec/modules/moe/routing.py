@@ -11,23 +11,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def group_limited_topk(scores: Tensor, k: int, num_groups: int, group_topk: int) -> Tensor:
-    """Indices [t, k] of the top-k scores among the best `group_topk` of `num_groups` expert groups."""
+def group_limited_topk(scores: Tensor, k: int, num_groups: int, group_topk: int,
+                       group_score_topk: int | None = None) -> Tensor:
+    """Indices [t, k] of the top-k scores among the best `group_topk` of `num_groups` expert groups.
+
+    A group's score is the sum of its best `group_score_topk` experts: by default k / group_topk
+    (Megatron-Core); DeepSeek-V3 sums its best 2, DeepSeek-V2 takes its best 1.
+    """
     t, num_experts = scores.shape
     grouped = scores.view(t, num_groups, num_experts // num_groups)  # [t, g, E/g]
-    # A group's score is the sum of its best k / group_topk experts (DeepSeek-V3, Megatron-Core).
-    group_scores = grouped.topk(k // group_topk, dim=-1).values.sum(dim=-1)  # [t, g]
+    per_group = group_score_topk or k // group_topk
+    group_scores = grouped.topk(per_group, dim=-1).values.sum(dim=-1)  # [t, g]
     best = group_scores.topk(group_topk, dim=-1).indices  # [t, group_topk]
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, best, True)  # [t, g]
     expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(t, num_experts)  # [t, E]
     return scores.masked_fill(~expert_mask, float("-inf")).topk(k, dim=-1).indices
 
 
-def select_topk(scores: Tensor, k: int, num_groups: int | None, group_topk: int | None) -> Tensor:
+def select_topk(scores: Tensor, k: int, num_groups: int | None, group_topk: int | None,
+                group_score_topk: int | None = None) -> Tensor:
     """Indices [t, k] of the experts chosen from `scores` [t, E], group-limited when configured."""
     if num_groups is None or group_topk is None:
         return scores.topk(k, dim=-1).indices
-    return group_limited_topk(scores, k, num_groups, group_topk)
+    return group_limited_topk(scores, k, num_groups, group_topk, group_score_topk)
 
 
 def drop_over_capacity(

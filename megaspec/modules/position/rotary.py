@@ -4,21 +4,26 @@ A rotary kind returns the hidden states unchanged plus the `(cos, sin)` pair the
 attention layers apply to queries and keys.
 """
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from megaspec.config import RopeScaling, TransformerConfig
+from megaspec.config import TransformerConfig
 from megaspec.kinds import Rotary
+from megaspec.modules.position.rope_scaling import attention_factor, dynamic_inv_freq, inv_freq, long_inv_freq
 from megaspec.registry import register
+from megaspec.rope import DynamicRopeScaling, LongRopeScaling
 
-__all__ = ["Rotary", "RotaryEmbedding", "apply_rotary", "llama3_scaled"]
+__all__ = ["Rotary", "RotaryEmbedding", "apply_rotary"]
 
 
 @register("position_embedding", "rotary_embedding")
 class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al., 2021): returns the (cos, sin) tables; attention rotates q and k."""
+    """RoPE (Su et al., 2021): returns the (cos, sin) tables; attention rotates q and k.
+
+    `config.rope_scaling` picks the frequencies (megaspec/rope.py). Dynamic NTK and LongRoPE
+    choose theirs per forward from the longest sequence in `position_ids`; YaRN and LongRoPE
+    multiply cos and sin by their attention factor.
+    """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -26,49 +31,48 @@ class RotaryEmbedding(nn.Module):
         self.base = config.rotary_base
         self.interleaved = config.rotary_interleaved
         self.scaling = config.rope_scaling
-        # Not persistent: it is a pure function of the config, so checkpoints need not
-        # carry it, and init_weights recomputes it after a meta-device build.
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
-
-    def _inv_freq(self, device: torch.device | None = None) -> Tensor:
-        # base^(-2i/dim), computed in fp32 as HF Llama does, so the tables match bit for bit.
-        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device=device).float()
-        inv_freq = 1.0 / (self.base ** (exponents / self.rotary_dim))  # [rot/2]
-        return inv_freq if self.scaling is None else llama3_scaled(inv_freq, self.scaling)
+        self.max_positions = config.max_position_embeddings
+        self.attention_scaling = attention_factor(self.scaling, self.max_positions)
+        # Not persistent: pure functions of the config, so checkpoints need not carry them,
+        # and init_weights recomputes them after a meta-device build.
+        self.register_buffer("inv_freq", inv_freq(self.scaling, self.base, self.rotary_dim), persistent=False)
+        self.register_buffer("long_inv_freq", long_inv_freq(self.scaling, self.base, self.rotary_dim),
+                             persistent=False)
 
     def init_weights(self) -> None:
-        """Recompute `inv_freq` (it holds garbage after `to_empty`)."""
+        """Recompute the frequency tables (they hold garbage after `to_empty`)."""
         with torch.no_grad():
-            self.inv_freq.copy_(self._inv_freq(self.inv_freq.device))
+            device = self.inv_freq.device
+            self.inv_freq.copy_(inv_freq(self.scaling, self.base, self.rotary_dim, device))
+            if self.long_inv_freq is not None:
+                self.long_inv_freq.copy_(long_inv_freq(self.scaling, self.base, self.rotary_dim, device))
+
+    def frequencies(self, position_ids: Tensor) -> Tensor:
+        """The inverse frequencies [rot/2] for this forward's positions."""
+        if isinstance(self.scaling, DynamicRopeScaling):
+            grown = dynamic_inv_freq(self.scaling, self.base, self.rotary_dim, self.max_positions, position_ids)
+            return torch.where(position_ids.max() + 1 > self.max_positions, grown, self.inv_freq)
+        if isinstance(self.scaling, LongRopeScaling):
+            long = position_ids.max() + 1 > self.scaling.original_max_position_embeddings
+            return torch.where(long, self.long_inv_freq, self.inv_freq)
+        return self.inv_freq
 
     def forward(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Rotary]:
         # Angles in fp32: position * frequency loses precision in half types at long range.
-        freqs = position_ids[..., None].float() * self.inv_freq  # [b, s, rot/2]
+        freqs = position_ids[..., None].float() * self.frequencies(position_ids)  # [b, s, rot/2]
         if self.interleaved:
             angles = freqs.repeat_interleave(2, dim=-1)  # [b, s, rot]: f0 f0 f1 f1 ...
         else:
             angles = torch.cat((freqs, freqs), dim=-1)  # [b, s, rot]: f0 f1 ... f0 f1 ...
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         # [b, s, 1, rot]: the 1 broadcasts over heads in the attention's [b, s, n, d] layout.
-        cos = angles.cos().to(hidden_states.dtype).unsqueeze(2)
-        sin = angles.sin().to(hidden_states.dtype).unsqueeze(2)
-        return hidden_states, (cos, sin)
+        return hidden_states, (cos.to(hidden_states.dtype).unsqueeze(2), sin.to(hidden_states.dtype).unsqueeze(2))
 
     def extra_repr(self) -> str:
-        return f"rotary_dim={self.rotary_dim}, base={self.base}, interleaved={self.interleaved}"
-
-
-def llama3_scaled(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
-    """Llama-3.1 frequency scaling: slow wavelengths beyond the original context by `factor`."""
-    old_context = scaling.original_max_position_embeddings
-    low_freq_wavelen = old_context / scaling.low_freq_factor  # longer than this: divide by factor
-    high_freq_wavelen = old_context / scaling.high_freq_factor  # shorter than this: unchanged
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    # In between, blend the two smoothly so no frequency jumps.
-    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(medium, blended, scaled)
+        scaling = "none" if self.scaling is None else self.scaling.rope_type
+        return f"rotary_dim={self.rotary_dim}, base={self.base}, interleaved={self.interleaved}, scaling={scaling}"
 
 
 def _rotate_half(x: Tensor) -> Tensor:
