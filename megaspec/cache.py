@@ -61,11 +61,15 @@ class Cache:
 
 
 class CacheUnsupported(SpecError):
-    """A module in the generating stack cannot be cached; `module` is it, the message says why."""
+    """A module in the generating stack cannot be cached; `module` is it, `reason` says why.
 
-    def __init__(self, module: nn.Module, reason: str) -> None:
+    `undeclared`: it defines no init_cache at all (rather than refusing in one).
+    """
+
+    def __init__(self, module: nn.Module, reason: str, undeclared: bool = False) -> None:
         self.module = module
         self.reason = reason
+        self.undeclared = undeclared
         super().__init__(reason)
 
 
@@ -78,7 +82,7 @@ def child_cache(module: nn.Module, cache: Cache) -> Any:
     """`module.init_cache(cache)`: the state a parent passes back as `cache=`; refused if it declares none."""
     init = getattr(module, "init_cache", None)
     if not callable(init):
-        raise CacheUnsupported(module, "it defines no init_cache")
+        raise CacheUnsupported(module, "it defines no init_cache", undeclared=True)
     return init(cache)
 
 

@@ -66,7 +66,7 @@ def _unsupported(model: nn.Module, exc: CacheUnsupported) -> str:
     where = f"at {path}" if path else "(the model)"
     message = f"cannot generate: {what} ({cls.__module__}.{cls.__qualname__}) {where}: {exc.reason}"
     how = _HOW.get(entry.kind) if entry else None
-    return f"{message}; to cache it, {how}" if how and exc.reason.startswith("it defines no") else message
+    return f"{message}; to cache it, {how}" if how and exc.undeclared else message
 
 
 def _device(model: nn.Module) -> torch.device:
