@@ -2,10 +2,12 @@
 
 import megaspec.catalog  # noqa: F401  (registers the built-in modules before any plug-in or lookup)
 from megaspec.build import build_module, meta_forward
+from megaspec.cache import Cache, ContextCache, KVCache
 from megaspec.checkpoint import load, save
 from megaspec.compose import compose
 from megaspec.config import TransformerConfig
 from megaspec.errors import Problem, SpecError
+from megaspec.generation import generate
 from megaspec.inputs import build_model
 from megaspec.record import BuildRecord, build_record
 from megaspec.registry import Slot, entries, lookup, register
@@ -13,6 +15,9 @@ from megaspec.spec import ModuleSpec, load_spec, parse_spec
 
 __all__ = [
     "BuildRecord",
+    "Cache",
+    "ContextCache",
+    "KVCache",
     "ModuleSpec",
     "Problem",
     "Slot",
@@ -23,6 +28,7 @@ __all__ = [
     "build_record",
     "compose",
     "entries",
+    "generate",
     "load",
     "load_spec",
     "lookup",

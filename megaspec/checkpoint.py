@@ -6,6 +6,8 @@ A checkpoint is a directory:
                                 modules the spec uses (with their origin), the weights file,
                                 every tensor's dtype and shape, and tied names
     model-<token>.safetensors   the weights, each tensor stored once
+    tokenizer.json              optional: the tokenizer the model reads text with (megaspec train
+                                and megaspec convert write it; megaspec generate reads it)
 
 The manifest is written last and is the commit point: each file is written to a
 temporary file in the same directory, fsynced and renamed into place, then the

@@ -1,4 +1,4 @@
-"""The `megaspec` command: build | train | eval | compare | diff | validate | list | schema | convert."""
+"""The `megaspec` command: build | train | eval | compare | diff | generate | validate | list | schema | convert."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ commands:
   eval +checkpoint=DIR [OVERRIDES]   a saved model's held-out loss and perplexity on data=...
   compare DIR...      runs side by side: loss curves (PNG) and a table (terminal and markdown)
   diff A B            two specs, model configs, checkpoints or run directories: slots, config, params, FLOPs
+  generate +checkpoint=DIR prompt=TEXT   continue a prompt with a saved, trained or HF model (--help)
   validate FILE...    check spec files without allocating weights
   list [KIND]         registered modules: name, kind, class, origin
   schema [-o FILE]    JSON Schema of the spec file format, for editors
@@ -325,9 +326,18 @@ def _convert(argv: list[str]) -> int:
             raise SpecError(f"'{out}' exists and is not an empty directory; convert --to hf writes a new one")
         to_hf(load(args.source, allow_imports=args.allow_imports), args.output, hf_class=args.hf_class)
     else:
+        from megaspec.generation.tokenizer import copy_tokenizer_files
+
         save(from_hf(args.source), args.output)
+        copy_tokenizer_files(args.source, args.output)  # so generation reads text as the HF model does
     print(f"wrote {args.output}")
     return 0
+
+
+def _generate(argv: list[str]) -> int:
+    from megaspec.generation.command import main
+
+    return main(argv)
 
 
 def _validate(argv: list[str]) -> int:
@@ -349,7 +359,7 @@ def _diff(argv: list[str]) -> int:
 
 
 COMMANDS = {"build": _build, "train": _train, "eval": _eval, "compare": _compare, "diff": _diff,
-            "validate": _validate, "list": _list, "schema": _schema, "convert": _convert}
+            "generate": _generate, "validate": _validate, "list": _list, "schema": _schema, "convert": _convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

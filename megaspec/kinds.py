@@ -5,6 +5,15 @@ before `/` positionally (so an implementation may name them as it likes), the
 rest by keyword (so their names are part of the contract). `register` checks a
 class's `forward` against its kind's Protocol, so a plug-in that would break its
 parent at the first forward is refused when it is registered, with the reason.
+
+Generation (megaspec/cache.py) is part of the contract of the model, block, layer,
+self_attention and cross_attention kinds, and optional: a module supports it by
+defining `init_cache(cache: megaspec.Cache) -> state`. Its parent calls that once
+when a generation starts, then passes the state back as `forward(..., cache=state)`
+on every forward of the generation, and passes no `cache` otherwise, so a module
+without `init_cache` need not take the keyword (and asking it to generate is a
+SpecError naming it). An attention's state is usually `megaspec.KVCache(cache)`;
+its forward then attends with `key, value, mask = cache.update(key, value, mask)`.
 """
 
 from __future__ import annotations
@@ -18,11 +27,18 @@ from torch import Tensor
 # or several such tables by name, for models whose layers rotate differently (Gemma-3's local and global
 # layers), each attention picking one.
 Rotary = tuple[Tensor, Tensor] | dict[str, tuple[Tensor, Tensor]]
+# Keywords a parent passes only to a child that defines the named method (see the module docstring).
+OPTIONAL_KEYWORDS = {"cache": "init_cache"}
 
 
 @runtime_checkable
 class ModelKind(Protocol):
-    """A whole model: keyword inputs -> a ModelOutput; `example_inputs` sizes a shape-check forward."""
+    """A whole model: keyword inputs -> a ModelOutput; `example_inputs` sizes a shape-check forward.
+
+    One that generates defines `init_cache(cache) -> state` and takes `cache=` (the Cache
+    itself, `cache.state` being that state) and `position_ids=` in forward; an encoder-decoder
+    also sets `is_encoder_decoder = True` and a `decoder_start_token_id`.
+    """
 
     def forward(self, *args: Any, **inputs: Any) -> Any: ...
 
@@ -51,28 +67,32 @@ class BlockKind(Protocol):
     """A stack of layers: hidden [b, s, h] -> [b, s, h], masks and context passed to every layer."""
 
     def forward(self, hidden_states: Tensor, /, attention_mask: Tensor | None = None, rotary: Rotary | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor: ...
+                context: Tensor | None = None, context_mask: Tensor | None = None, cache: Any = None) -> Tensor: ...
 
 
 class LayerKind(Protocol):
     """One transformer layer: hidden [b, s, h] -> [b, s, h]."""
 
     def forward(self, hidden_states: Tensor, /, attention_mask: Tensor | None = None, rotary: Rotary | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor: ...
+                context: Tensor | None = None, context_mask: Tensor | None = None, cache: Any = None) -> Tensor: ...
 
 
 class SelfAttentionKind(Protocol):
-    """hidden [b, s, h] -> [b, s, h]; mask broadcastable to [b, nh, s, s] (bool: True = attend, or additive)."""
+    """hidden [b, s, h] -> [b, s, h]; mask broadcastable to [b, nh, s, s] (bool: True = attend, or additive).
+
+    With a cache (a decode step), the mask's key axis counts absolute positions 0 .. K - 1,
+    which `KVCache.update` maps onto the keys it returns.
+    """
 
     def forward(self, hidden_states: Tensor, /, attention_mask: Tensor | None = None,
-                rotary: Rotary | None = None) -> Tensor: ...
+                rotary: Rotary | None = None, cache: Any = None) -> Tensor: ...
 
 
 class CrossAttentionKind(Protocol):
     """Queries from hidden [b, sq, h], keys and values from context [b, sk, h] -> [b, sq, h]."""
 
     def forward(self, hidden_states: Tensor, /, context: Tensor,
-                attention_mask: Tensor | None = None) -> Tensor: ...
+                attention_mask: Tensor | None = None, cache: Any = None) -> Tensor: ...
 
 
 class CoreAttentionKind(Protocol):
@@ -184,14 +204,23 @@ def contract_problems(cls: type, kind: str) -> list[str]:
         problems.append(f"forward takes {len(positional)} positional argument(s) but is called with {n_pos}")
     used |= {p.name for p in positional[:n_pos]}
     for p in want[n_pos:]:
+        method = OPTIONAL_KEYWORDS.get(p.name)
         if p.name in by_name and by_name[p.name].kind is not p.POSITIONAL_ONLY:
             used.add(p.name)
+        elif method is not None and not callable(getattr(cls, method, None)):
+            continue  # parents pass it only to modules that define `method`
+        elif method is not None and not var_kw:
+            problems.append(f"it defines {method}, but forward has no parameter '{p.name}', "
+                            f"which parents then pass by keyword")
         elif not var_kw:
             problems.append(f"forward has no parameter '{p.name}', which parents pass by keyword")
     for p in have:
         required = p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         if required and p.name not in used:
             problems.append(f"forward requires '{p.name}', which parents never pass")
+        elif required and p.name in OPTIONAL_KEYWORDS:
+            problems.append(f"forward requires '{p.name}', which parents pass only while generating; "
+                            "give it a default of None")
     return problems
 
 

@@ -77,3 +77,21 @@ def test_row_ratio_and_verdict() -> None:
     assert row.cpu_ratio == 2.0
     over = bench.Row("x", "a", slow, "b", fast, "overhead", 1.10)
     assert over.ratio == 3.0 and over.met is False
+
+
+def test_generate_bench_compares_like_with_like() -> None:
+    """tools/bench_generate.py at toy sizes: both sides add every token, rows and rates are sane."""
+    sys.path.insert(0, str(_PATH.parent))  # it imports its helpers from tools/bench.py
+    spec = importlib.util.spec_from_file_location("megaspec_bench_generate", _PATH.with_name("bench_generate.py"))
+    generate_bench = importlib.util.module_from_spec(spec)
+    sys.modules["megaspec_bench_generate"] = generate_bench
+    spec.loader.exec_module(generate_bench)
+    sizes = bench.LlamaSizes(layers=1, hidden=32, heads=4, kv_heads=2, ffn=48, vocab=97, positions=64)
+    case = generate_bench.make_case("tiny Llama", sizes, batch=3, prompt=8, new=6)
+    rows, rates = generate_bench.bench_case(case, 1)
+    assert_sane(rows, 2, 1)
+    assert [r.target for r in rows] == [1.0, None]
+    assert rates["equal tokens"] == 1.0  # these tiny weights leave no near-tie: the very same tokens
+    assert all(math.isfinite(v) and v > 0 for v in rates.values())
+    per_token = generate_bench.decode_bytes_per_token(case)
+    assert per_token == 4 * bench.n_params(case.ours) + 2 * 1 * 2 * 8 * (8 + 6) * 4  # weights + [2 groups x d 8] K/V

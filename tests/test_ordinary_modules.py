@@ -144,7 +144,7 @@ def test_a_plugin_that_breaks_its_kind_contract_is_refused_at_registration() -> 
         megaspec.register("self_attention", "test_bad_attention")(_NoContract)
     assert str(exc.value) == (
         "cannot register 'test_bad_attention' as self_attention: _NoContract does not fit the self_attention "
-        "contract forward(hidden_states, /, attention_mask=None, rotary=None): forward has no parameter "
+        "contract forward(hidden_states, /, attention_mask=None, rotary=None, cache=None): forward has no parameter "
         "'attention_mask', which parents pass by keyword; forward has no parameter 'rotary', which parents pass "
         "by keyword; forward requires 'memory', which parents never pass")
     with pytest.raises(SpecError, match=r"the mlp contract forward\(hidden_states, /\): forward requires 'memory', "

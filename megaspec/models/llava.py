@@ -1,11 +1,12 @@
 """LLaVA (Liu et al., 2023): a vision tower's patch features, projected into a language model's prompt."""
 
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from megaspec.cache import Cache, child_cache
 from megaspec.config import TransformerConfig
 from megaspec.errors import SpecError
 from megaspec.models.output import ModelOutput
@@ -66,14 +67,28 @@ class LLaVAModel(nn.Module):
         dtype = next(self.vision_projection.parameters()).dtype
         return self.vision_projection(hidden[:, self.feature_start :].to(dtype))  # [n, t, h]
 
+    def init_cache(self, cache: Cache) -> Any:
+        """The language model's cache: images are read once, with the prompt."""
+        return child_cache(self.language_model, cache)
+
     def forward(
         self,
         input_ids: Tensor,
         pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
-        """input_ids [b, s] with image tokens; pixel_values [n, c, H, W]; attention_mask, labels [b, s]."""
+        """input_ids [b, s] with image tokens; pixel_values [n, c, H, W]; attention_mask, labels [b, s].
+
+        position_ids, cache and logits_to_keep go to the language model (see GPTModel.forward).
+        """
+        lm_inputs = {"attention_mask": attention_mask, "labels": labels, "position_ids": position_ids,
+                     "logits_to_keep": logits_to_keep, **({} if cache is None else {"cache": cache})}
+        if cache is not None and cache.filled:  # a decode step: generated tokens, never image placeholders
+            return self.language_model(input_ids=input_ids, **lm_inputs)
         image_mask = input_ids == self.image_token_index  # [b, s]
         n_images = 0 if pixel_values is None else pixel_values.size(0)
         if not (input_ids.is_meta or torch.compiler.is_compiling()):
@@ -85,7 +100,7 @@ class LLaVAModel(nn.Module):
             features = self.image_features(pixel_values).to(embeds.dtype)  # [n, t, h]
             # Row-major over [b, s]: the k-th image token of the batch takes the k-th feature.
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        return self.language_model(inputs_embeds=embeds, **lm_inputs)
 
     def _check_image_tokens(self, image_mask: Tensor, n_images: int) -> None:
         """Every image feature needs exactly one image token in the prompt, and vice versa."""

@@ -66,6 +66,9 @@ class T5(Family):
         spec = shipped_spec("t5_v1_1" if c.is_gated_act else "t5")
         for stack in ("encoder", "decoder"):
             node_at(spec, f"{stack}.layers.mlp")["submodules"]["activation"] = act
+        start = getattr(c, "decoder_start_token_id", None)
+        if start:  # T5's is 0, the spec's default; generation starts decoder sequences with it
+            spec["params"] = {"decoder_start_token_id": start}
         config = {
             "num_layers": c.num_layers,
             "hidden_size": c.d_model,
@@ -90,6 +93,7 @@ class T5(Family):
         cfg = configs[""]
         ours = spec_activation(spec, "encoder.layers.mlp.activation")
         act = hf_activation(ours)
+        start = spec.get("params", {}).get("decoder_start_token_id", 0)
         if cfg.gated_linear_unit:
             if ours == "gelu":
                 raise SpecError("HF T5's gated GELU is the tanh approximation: activation gelu_tanh, not gelu")
@@ -109,7 +113,7 @@ class T5(Family):
             layer_norm_epsilon=cfg.layernorm_epsilon,
             feed_forward_proj=act,
             tie_word_embeddings=cfg.share_embeddings_and_output_weights,
-            **token_ids(cfg.vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+            **token_ids(cfg.vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=start),
         )
 
     def hf_state(self, hf_model: Any) -> dict[str, Tensor]:

@@ -36,6 +36,8 @@ def combined_mask(attention_mask: Tensor | None, is_causal: bool, window: tuple[
     bottom-right: the queries are the last `sq` of the `sk` positions, so a causal
     attention stays causal whatever mask or bias it is given.
     """
+    if sq == 1:
+        is_causal = False  # the one query is the last position: causality hides nothing (decode steps)
     if window is None and (not is_causal or (attention_mask is None and sq == sk)):
         return attention_mask, is_causal
     q = torch.arange(sk - sq, sk, device=device)[:, None]  # [sq, 1]: absolute query positions

@@ -5,6 +5,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from megaspec.cache import Cache, ContextCache
 from megaspec.config import TransformerConfig
 from megaspec.registry import Slot, register
 
@@ -17,7 +18,8 @@ class CrossAttention(nn.Module):
     values together, its rows ordered group by group as [k_0, v_0 | k_1, v_1 | ...],
     so a run of groups is a self-contained tensor-parallel shard. It fills a
     TransformerLayer's `cross_attention` slot, which passes the encoder output as
-    `context` and the encoder's padding mask as `attention_mask`.
+    `context` and the encoder's padding mask as `attention_mask`. When generating, the
+    context's keys and values are computed at the first step and reused by the others.
     """
 
     # Tensor parallelism (megaspec.parallel.plans): whole heads and query groups per rank.
@@ -64,16 +66,26 @@ class CrossAttention(nn.Module):
             output_proj=True,
         )
 
-    def forward(self, hidden_states: Tensor, context: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def init_cache(self, cache: Cache) -> ContextCache:
+        """The context's keys and values, kept from the first step of a generation."""
+        return ContextCache()
+
+    def forward(self, hidden_states: Tensor, context: Tensor, attention_mask: Tensor | None = None,
+                cache: ContextCache | None = None) -> Tensor:
         b, sq, _ = hidden_states.shape
-        sk = context.size(1)
         query = self.linear_q(hidden_states).view(b, sq, self.num_heads, self.head_dim)  # [b, sq, nh, d]
-        kv = self.linear_kv(context).view(b, sk, self.num_query_groups, 2, self.head_dim)
-        key, value = kv.unbind(dim=3)  # [b, sk, ng, d] each
+        if cache is not None and cache.key is not None and cache.value is not None:
+            key, value = cache.key, cache.value  # [b, ng, sk, d] each, from the first step
+        else:
+            sk = context.size(1)
+            kv = self.linear_kv(context).view(b, sk, self.num_query_groups, 2, self.head_dim)
+            key, value = (t.transpose(1, 2) for t in kv.unbind(dim=3))  # [b, ng, sk, d] each
+            if cache is not None:
+                cache.key, cache.value = key, value
         out = self.core_attention(
             query.transpose(1, 2),  # [b, nh, sq, d]
-            key.transpose(1, 2),  # [b, ng, sk, d]
-            value.transpose(1, 2),  # [b, ng, sk, d]
+            key,
+            value,
             attention_mask,  # [b, 1, 1, sk]: which context tokens exist
             False,  # every query may read the whole context
         )  # [b, nh, sq, d]

@@ -14,6 +14,7 @@ import torch
 from pydantic import PositiveInt
 from torch import Tensor, nn
 
+from megaspec.cache import Cache, CacheUnsupported, KVCache, window_positions
 from megaspec.config import TransformerConfig
 from megaspec.kinds import Rotary
 from megaspec.modules.position.rope_scaling import yarn_softmax_scale
@@ -86,6 +87,7 @@ class MultiLatentAttention(nn.Module):
         self.attn_mask_type = attn_mask_type
         self.causal = attn_mask_type == "causal"
         self.ignore_mask = attn_mask_type == "no_mask"
+        self.cache_window = window_positions(config.window_size)  # what a generation cache must keep
         h, qk_dim = config.hidden_size, self.nope_dim + self.rope_dim
         # HF's attention_bias: the down projections and the output projection; the up projections have none.
         bias = config.add_bias_linear
@@ -137,20 +139,33 @@ class MultiLatentAttention(nn.Module):
         key = torch.cat((key_nope, key_rope.expand(-1, -1, self.num_heads, -1)), dim=-1)
         return key, value
 
+    def init_cache(self, cache: Cache) -> KVCache:
+        """The latent and the rotated key of every position: all MLA needs to keep (one "group" of each)."""
+        if not self.causal:
+            raise CacheUnsupported(self, f"its attn_mask_type is '{self.attn_mask_type}': it attends to later "
+                                         "tokens, so a decoder that generates needs attn_mask_type 'causal'")
+        return KVCache(cache, window=self.cache_window)
+
     def forward(
-        self, hidden_states: Tensor, attention_mask: Tensor | None = None, rotary: Rotary | None = None
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, rotary: Rotary | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         b, s, _ = hidden_states.shape
         query_nope, query_rope = self.project_query(hidden_states).split([self.nope_dim, self.rope_dim], dim=-1)
         if rotary is not None:
             query_rope = apply_rotary(query_rope, rotary)
         query = torch.cat((query_nope, query_rope), dim=-1)  # [b, s, nh, nope + rot]
-        key, value = self.expand_kv(*self.compress_kv(hidden_states, rotary))
+        mask = None if self.ignore_mask else attention_mask
+        latent, key_rope = self.compress_kv(hidden_states, rotary)  # [b, s, r], [b, s, 1, rot]
+        if cache is not None:  # generating: store this step's latents, expand every cached one
+            latent, key_rope, mask = cache.update(latent.unsqueeze(1), key_rope.transpose(1, 2), mask)
+            latent, key_rope = latent.squeeze(1), key_rope.transpose(1, 2)  # [b, sk, r], [b, sk, 1, rot]
+        key, value = self.expand_kv(latent, key_rope)
         out = self.core_attention(
             query.transpose(1, 2),  # [b, nh, s, nope + rot]
-            key.transpose(1, 2),  # [b, nh, s, nope + rot]
-            value.transpose(1, 2),  # [b, nh, s, dv]
-            None if self.ignore_mask else attention_mask,
+            key.transpose(1, 2),  # [b, nh, sk, nope + rot]
+            value.transpose(1, 2),  # [b, nh, sk, dv]
+            mask,
             self.causal,
         )  # [b, nh, s, dv]
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.v_head_dim))  # [b, s, h]

@@ -5,6 +5,7 @@ from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
+from megaspec.cache import Cache, CacheUnsupported, KVCache, window_positions
 from megaspec.config import TransformerConfig
 from megaspec.kinds import Rotary
 from megaspec.modules.position.rotary import apply_rotary
@@ -25,6 +26,9 @@ class SelfAttention(nn.Module):
     `qk_layernorm_per_head: false` the whole query and key projections (OLMo-2). With
     `rotary_table` the layer reads one of several named RoPE tables (Gemma-3's local and
     global ones, from `local_global_rotary_embedding`).
+
+    For generation it caches the keys and values of its query groups only (`KVCache`),
+    and with a sliding window (config.window_size) only the positions the window sees.
     """
 
     # Tensor parallelism (megaspec.parallel.plans): whole query groups per rank, so each
@@ -71,6 +75,7 @@ class SelfAttention(nn.Module):
         self.causal = attn_mask_type == "causal"
         self.ignore_mask = attn_mask_type == "no_mask"
         self.rotary_table = rotary_table
+        self.cache_window = window_positions(config.window_size)  # what a generation cache must keep
 
         qkv_size = (self.num_heads + 2 * self.num_query_groups) * self.head_dim
         self.linear_qkv = linear_qkv(
@@ -93,8 +98,20 @@ class SelfAttention(nn.Module):
             output_proj=True,
         )
 
+    def init_cache(self, cache: Cache) -> KVCache:
+        """Keys and values for generation; only a causal attention can be cached (later tokens change nothing)."""
+        if not self.causal:
+            raise CacheUnsupported(self, f"its attn_mask_type is '{self.attn_mask_type}': it attends to later "
+                                         "tokens, so its outputs change as tokens are generated; a decoder that "
+                                         "generates needs attn_mask_type 'causal'")
+        return KVCache(cache, window=self.cache_window)
+
     def forward(
-        self, hidden_states: Tensor, attention_mask: Tensor | None = None, rotary: Rotary | None = None
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        rotary: Rotary | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         b, s, _ = hidden_states.shape
         qkv = self.linear_qkv(hidden_states)  # [b, s, ng * (nh/ng + 2) * d]
@@ -117,13 +134,12 @@ class SelfAttention(nn.Module):
 
         if self.ignore_mask:
             attention_mask = None
-        out = self.core_attention(
-            query.transpose(1, 2),  # [b, nh, s, d]
-            key.transpose(1, 2),  # [b, ng, s, d]
-            value.transpose(1, 2),  # [b, ng, s, d]
-            attention_mask,
-            self.causal,
-        )  # [b, nh, s, d]
+        query = query.transpose(1, 2)  # [b, nh, s, d]
+        key = key.transpose(1, 2)  # [b, ng, s, d]
+        value = value.transpose(1, 2)  # [b, ng, s, d]
+        if cache is not None:  # generating: store this step's keys, attend over every cached one
+            key, value, attention_mask = cache.update(key, value, attention_mask)  # [b, ng, sk, d]
+        out = self.core_attention(query, key, value, attention_mask, self.causal)  # [b, nh, s, d]
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, s, nh * d]
         return self.linear_proj(out)  # [b, s, h]
 

@@ -1,10 +1,11 @@
 """A transformer layer whose attention and MLP read the same input and add to the residual together."""
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megaspec.cache import Cache, child_cache
 from megaspec.config import TransformerConfig
 from megaspec.kinds import Rotary
 from megaspec.registry import Slot, register
@@ -46,6 +47,10 @@ class ParallelTransformerLayer(nn.Module):
         self.pre_mlp_layernorm = pre_mlp_layernorm  # None: the MLP shares the attention's input
         self.mlp = mlp
 
+    def init_cache(self, cache: Cache) -> Any:
+        """The self-attention's cache."""
+        return child_cache(self.self_attention, cache)
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -53,9 +58,11 @@ class ParallelTransformerLayer(nn.Module):
         rotary: Rotary | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        cache: Any = None,
     ) -> Tensor:  # [b, s, h] -> [b, s, h]; a decoder-only layer: no context
         normed = self.input_layernorm(hidden_states)
-        attn = self.self_attention(normed, attention_mask=attention_mask, rotary=rotary)
+        cached = {} if cache is None else {"cache": cache}  # passed only while generating
+        attn = self.self_attention(normed, attention_mask=attention_mask, rotary=rotary, **cached)
         mlp_input = normed if self.pre_mlp_layernorm is None else self.pre_mlp_layernorm(hidden_states)
         mlp = self.mlp(mlp_input)
         p = self.hidden_dropout

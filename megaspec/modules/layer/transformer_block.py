@@ -5,6 +5,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from megaspec.cache import Cache, StackCache, child_cache
 from megaspec.config import TransformerConfig
 from megaspec.kinds import Rotary
 from megaspec.registry import Slot, register
@@ -30,7 +31,8 @@ class TransformerBlock(nn.Module):
     An optional `attention_bias` (T5's relative position bias) is computed once
     per forward and added to every layer's self-attention scores: the whole stack
     shares one table, as in T5, where only layer 0 owns it. Its module is called
-    as `attention_bias(query_length, key_length) -> [1, nh, sq, sk]`.
+    as `attention_bias(query_length, key_length) -> [1, nh, sq, sk]`. When generating,
+    each layer gets its own cache, and a decode step's bias covers every key position.
     """
 
     # Sequence parallelism (megaspec.parallel.plans): the residual stream is split over the
@@ -56,6 +58,10 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_layernorm = nn.Identity() if final_layernorm is None else final_layernorm
 
+    def init_cache(self, cache: Cache) -> StackCache:
+        """One cache per layer."""
+        return StackCache(cache, [child_cache(layer, cache) for layer in self.layers])
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -63,12 +69,20 @@ class TransformerBlock(nn.Module):
         rotary: Rotary | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        cache: StackCache | None = None,
     ) -> Tensor:  # [b, s, h] -> [b, s, h]
         if self.attention_bias is not None:
-            s = hidden_states.size(1)
-            bias = self.attention_bias(s, s).to(hidden_states.dtype)  # [1, nh, s, s]
-            attention_mask = add_attention_bias(bias, attention_mask)  # [b or 1, nh, s, s]
-        for layer in self.layers:
+            attention_mask = add_attention_bias(self._bias(hidden_states, cache), attention_mask)
+        for i, layer in enumerate(self.layers):
             hidden_states = layer(hidden_states, attention_mask=attention_mask, rotary=rotary, context=context,
-                                  context_mask=context_mask)
+                                  context_mask=context_mask, **({} if cache is None else {"cache": cache.layers[i]}))
         return self.final_layernorm(hidden_states)
+
+    def _bias(self, hidden_states: Tensor, cache: StackCache | None) -> Tensor:
+        """The bias [1, nh, s, sk] over this forward's tokens, or a decode step's rows over every key position."""
+        assert self.attention_bias is not None
+        if cache is None or not cache.cache.filled:
+            s = hidden_states.size(1)
+            return self.attention_bias(s, s).to(hidden_states.dtype)  # [1, nh, s, s]
+        k = cache.cache.key_length
+        return self.attention_bias(k, k)[:, :, cache.cache.positions].to(hidden_states.dtype)  # [1, nh, s, k]

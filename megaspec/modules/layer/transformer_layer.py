@@ -1,10 +1,11 @@
 """One pre-norm transformer layer: attention and MLP, each inside a residual branch."""
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megaspec.cache import Cache, child_cache
 from megaspec.config import TransformerConfig
 from megaspec.kinds import Rotary
 from megaspec.registry import Slot, register
@@ -13,6 +14,11 @@ from megaspec.registry import Slot, register
 def _or_identity(module: nn.Module | None) -> nn.Module:
     """An empty norm slot is the identity (so forward needs no branch)."""
     return nn.Identity() if module is None else module
+
+
+def _cached(cache: dict[str, Any] | None, slot: str) -> dict[str, Any]:
+    """The `cache=` keyword for a child while generating; nothing otherwise (the child may not take one)."""
+    return {} if cache is None else {"cache": cache[slot]}
 
 
 @register("layer", "transformer_layer")
@@ -82,6 +88,11 @@ class TransformerLayer(nn.Module):
         self.mlp_output_layernorm = _or_identity(mlp_output_layernorm)
         self.post_mlp_layernorm = _or_identity(post_mlp_layernorm)
 
+    def init_cache(self, cache: Cache) -> dict[str, Any]:
+        """One cache per attention branch, by slot name."""
+        return {slot: child_cache(module, cache) for slot in ("self_attention", "cross_attention")
+                if (module := getattr(self, slot)) is not None}
+
     def _residual(self, hidden_states: Tensor, branch: Tensor) -> Tensor:
         return hidden_states + F.dropout(branch, self.hidden_dropout, self.training)
 
@@ -92,15 +103,18 @@ class TransformerLayer(nn.Module):
         rotary: Rotary | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        cache: dict[str, Any] | None = None,
     ) -> Tensor:  # [b, s, h] -> [b, s, h]
         if self.self_attention is not None:
-            x = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask, rotary=rotary)
+            x = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask, rotary=rotary,
+                                    **_cached(cache, "self_attention"))
             x = self.self_attn_output_layernorm(x)
             hidden_states = self.post_self_attn_layernorm(self._residual(hidden_states, x))
         if self.cross_attention is not None:
             # Queries from the layer, keys and values from `context` [b, sk, h] (an encoder's output).
             x = self.cross_attention(
-                self.pre_cross_attn_layernorm(hidden_states), context=context, attention_mask=context_mask
+                self.pre_cross_attn_layernorm(hidden_states), context=context, attention_mask=context_mask,
+                **_cached(cache, "cross_attention"),
             )
             x = self.cross_attn_output_layernorm(x)
             hidden_states = self.post_cross_attn_layernorm(self._residual(hidden_states, x))

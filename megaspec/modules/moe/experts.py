@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from megaspec.config import TransformerConfig
 from megaspec.modules.activation import activation_from_config
-from megaspec.modules.moe.grouped_gemm import grouped_linear
+from megaspec.modules.moe.grouped_gemm import grouped_linear, grouped_mm_supported
 from megaspec.modules.moe.router import require_experts
 from megaspec.modules.utils import init_normal_, params_dtype
 from megaspec.registry import Slot, register
@@ -89,6 +89,29 @@ class Experts(nn.Module):
         y = torch.empty_like(y).index_copy(0, order, y)  # [t * k, h]
         return y.view(t, k, -1).sum(dim=1)  # [t, h]
 
+    def gathered_forward(self, hidden_states: Tensor, probs: Tensor, indices: Tensor) -> Tensor:
+        """Each token through its own k experts' weights, gathered (gpt-fast's way): for a few tokens."""
+        chosen = indices.clamp(max=self.num_experts - 1)  # [t, k]; a dropped assignment has probability 0
+        y = (self.fc1_weight[chosen] @ hidden_states[:, None, :, None]).squeeze(-1)  # [t, k, ffn or 2 * ffn]
+        if self.fc1_bias is not None:
+            y = y + self.fc1_bias[chosen]
+        y = (self.fc2_weight[chosen] @ self.act(y)[..., None]).squeeze(-1)  # [t, k, h]
+        if self.fc2_bias is not None:
+            y = y + self.fc2_bias[chosen]
+        return (y * probs.unsqueeze(-1).to(y.dtype)).sum(dim=1)  # [t, h]
+
+    def dense_forward(self, hidden_states: Tensor, probs: Tensor, indices: Tensor) -> Tensor:
+        """Every expert on every token, weighted by its probability (zero where not chosen)."""
+        t, e = hidden_states.size(0), self.num_experts
+        weights = probs.new_zeros(t, e + 1).scatter_add(1, indices, probs)[:, :e]  # [t, E]; index E: dropped
+        y = hidden_states.expand(e, -1, -1) @ self.fc1_weight.transpose(1, 2)  # [E, t, ffn or 2 * ffn]
+        if self.fc1_bias is not None:
+            y = y + self.fc1_bias[:, None]
+        y = self.act(y) @ self.fc2_weight.transpose(1, 2)  # [E, t, h]
+        if self.fc2_bias is not None:
+            y = y + self.fc2_bias[:, None]
+        return (y * weights.T.unsqueeze(-1).to(y.dtype)).sum(dim=0)  # [t, h]
+
     def extra_repr(self) -> str:
         e, h, ffn = self.fc2_weight.shape
         return f"num_experts={e}, hidden={h}, ffn={ffn}, gated={self.gated}"
@@ -118,4 +141,10 @@ class GroupedExperts(Experts):
 
     def forward(self, hidden_states: Tensor, probs: Tensor, indices: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """hidden_states [t, h], probs and indices [t, k] (index E: dropped) -> [t, h]."""
+        if torch.compiler.is_compiling() and not grouped_mm_supported(hidden_states):
+            # No grouped matmul under compile (fp32 on CPUs): static shapes instead of per-expert
+            # segments read on the host, so a decode step stays one graph.
+            if indices.numel() <= self.num_experts:
+                return self.gathered_forward(hidden_states, probs, indices)
+            return self.dense_forward(hidden_states, probs, indices)
         return self.grouped_forward(hidden_states, probs, indices, tokens_per_expert)

@@ -20,6 +20,7 @@ class LearnedPositionEmbedding(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.init_std = config.init_method_std
+        self.position_limit = config.max_position_embeddings  # the table ends there: position ids stay below
         self.weight = nn.Parameter(
             torch.empty(config.max_position_embeddings, config.hidden_size, dtype=params_dtype(config))
         )

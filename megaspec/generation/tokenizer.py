@@ -1,0 +1,69 @@
+"""The tokenizer a model directory holds, read for generation: its tokenizer.json.
+
+`megaspec train` writes the tokenizer it trained with (the byte tokenizer too, in the
+`tokenizers` format) into the run directory and the exported checkpoint; `megaspec
+convert` copies an HF directory's tokenizer files into the checkpoint; an HF
+directory has its own. One reader serves all of them (megaspec/train/tokenizer.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from megaspec.checkpoint import atomic_write
+from megaspec.errors import SpecError
+
+TOKENIZER_JSON = "tokenizer.json"
+# What `megaspec convert` copies from an HF directory into the checkpoint, when present.
+TOKENIZER_FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class Tokenizer(Protocol):
+    """Text <-> token ids."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class PromptTokenizer:
+    """A `tokenizers` tokenizer as a prompt is read: with the special tokens it adds (a beginning-of-text
+    token), and decoded without them."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.inner = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, special tokens included."""
+        return self.inner.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text, special tokens left out."""
+        return self.inner.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer in `directory` (its tokenizer.json); the byte tokenizer needs no package to read."""
+    from megaspec.train.tokenizer import ByteTokenizer
+    from megaspec.train.tokenizer import load_tokenizer as read
+
+    file = Path(directory) / TOKENIZER_JSON
+    if not file.is_file():
+        raise SpecError(f"no tokenizer in {directory}: it has no {TOKENIZER_JSON} (megaspec train writes the one "
+                        "it trained with, megaspec convert copies an HF directory's)")
+    found = read(file)
+    return found if isinstance(found, ByteTokenizer) else PromptTokenizer(found.tokenizer)
+
+
+def copy_tokenizer_files(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> list[str]:
+    """Copy an HF directory's tokenizer files (those of TOKENIZER_FILES it has) into a checkpoint; their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        file = Path(source) / name
+        if file.is_file():
+            data = file.read_bytes()
+            atomic_write(Path(target) / name, lambda tmp, data=data: tmp.write_bytes(data))
+            copied.append(name)
+    return copied
