@@ -168,13 +168,15 @@ class PlainAttention(nn.Module):
     def __init__(self, config: megaspec.TransformerConfig) -> None:
         super().__init__()
         self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.dropout = config.attention_dropout
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, rotary=None) -> Tensor:
         b, s, _ = hidden_states.shape
         q, k, v = self.qkv(hidden_states).view(b, s, 3, self.heads, self.head_dim).transpose(1, 3).unbind(2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
@@ -198,7 +200,7 @@ def test_a_yaml_model_with_the_readme_plugin_attention_generates(plugins, write_
     path = write_yaml("""
         module: gpt_model
         config: {num_layers: 2, hidden_size: 32, num_attention_heads: 4, vocab_size: 64,
-                 max_position_embeddings: 32, hidden_dropout: 0.0, attention_dropout: 0.0}
+                 max_position_embeddings: 32, hidden_dropout: 0.0}
         submodules:
           embedding: vocab_embedding
           position_embedding: learned_position_embedding
@@ -223,7 +225,7 @@ def test_a_yaml_model_with_the_readme_plugin_attention_generates(plugins, write_
 
 
 def test_a_plugin_attention_without_a_cache_is_named_when_generating(plugins) -> None:
-    model = tiny("llama", f"{LAYER}.self_attention=test_plain_attention")
+    model = tiny("gpt2", f"{LAYER}.self_attention=test_plain_attention")
     ids, mask = prompts()
     model(ids, attention_mask=mask)  # it works without generation
     with pytest.raises(SpecError) as exc:

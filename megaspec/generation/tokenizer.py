@@ -9,6 +9,7 @@ directory has its own. One reader serves all of them (megaspec/train/tokenizer.p
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +65,7 @@ def copy_tokenizer_files(source: str | os.PathLike[str], target: str | os.PathLi
         file = Path(source) / name
         if file.is_file():
             data = file.read_bytes()
-            atomic_write(Path(target) / name, lambda tmp, data=data: tmp.write_bytes(data))
+            tmp = Path(target) / f".{name}.{secrets.token_hex(4)}.tmp"  # a fresh name: no file there is reused
+            atomic_write(Path(target) / name, lambda t, data=data: t.write_bytes(data), tmp)
             copied.append(name)
     return copied
