@@ -149,7 +149,7 @@ def test_validate_without_sizes_reports_everything_that_needs_none(tmp_path):
         f"{broken}:24: decoder.layers[*].self_attention.params.attn_mask_type: expected one of 'causal', 'padding', "
         "'no_mask', got 'casual'",
         f"{broken}:24: decoder.layers[*].self_attention.params.dropout: unknown param 'dropout'; accepted: "
-        "attn_mask_type",
+        "attn_mask_type, qk_layernorm_per_head, rotary_table",
         f"{broken}:27: decoder.layers[*].self_attention.core_attention: unknown module 'spda' (did you mean "
         "'sdpa'?); see `megaspec list`",
         f"{broken}: sizes were not checked: the spec has no root `config:` and no model in conf/model uses it; "

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from generate_cases import write_hf_gpt2
 
 import megaspec
 from megaspec.cli import main
 from megaspec.generation import Step, generate
 from megaspec.generation.command import stream
 from megaspec.generation.tokenizer import load_tokenizer
-from megaspec.train.tokenizer import ByteTokenizer, load_tokenizer as load_training_tokenizer, save_tokenizer, \
-    train_bpe
+from megaspec.train.tokenizer import ByteTokenizer, load_tokenizer as load_training_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 # Appended to the README's training command: seconds instead of minutes.
@@ -84,30 +84,12 @@ def test_a_model_trained_with_a_bpe_generates_with_it(tmp_path, capsys) -> None:
     assert capsys.readouterr().out == "The old" + tokenizer.decode(out[0, ids.size(1):].tolist()) + "\n"
 
 
-def bpe_tokenizer(directory: Path) -> int:
-    """A byte-level BPE trained on a few sentences, saved as directory/tokenizer.json; its vocabulary size."""
-    pytest.importorskip("tokenizers")
-    tok = train_bpe(["the cat sat on the mat", "a dog ran to the cat", "the end of the story"] * 5, 300)
-    save_tokenizer(tok, directory)
-    return tok.vocab_size
-
-
 @pytest.fixture
 def hf_dir(tmp_path) -> Path:
     """A tiny HF GPT-2 directory with a tokenizer.json, weights perturbed, eos = <|endoftext|> (id 0)."""
-    transformers = pytest.importorskip("transformers")
-    directory = tmp_path / "hf"
-    directory.mkdir()
-    vocab = bpe_tokenizer(directory)
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
-    hf = transformers.GPT2LMHeadModel(config)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    hf.save_pretrained(directory)
-    return directory
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    return write_hf_gpt2(tmp_path / "hf")
 
 
 def test_an_hf_directory_and_its_conversion_generate_the_same_text(hf_dir, tmp_path, capsys) -> None:

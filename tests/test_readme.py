@@ -8,6 +8,7 @@ change to this file:
 - ```python: run in one Python session, in README order. A block whose first line is
   `# NAME.py` is a file the README asks for: it is written (and run by a later command).
 - ```yaml whose first line is `# PATH`: a file, written. Other YAML is illustration.
+- `path/to/hf-dir` is a tiny random HF GPT-2 with its tokenizer.json, written before the first block.
 - ```text with `$ COMMAND` lines: each command runs as written, and every line shown after
   it (but `...`, lines left out) must appear in its output.
 - A command that ends in `# exits N` must exit N; every other command must exit 0.
@@ -29,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from generate_cases import write_hf_gpt2
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
+HF_DIR = "path/to/hf-dir"
 
 # The first command of each block that cannot run here, and why.
 NOT_RUN = {
@@ -104,6 +107,9 @@ def tiny(command: str) -> str:
     at = next((i for i, w in enumerate(words[:-1]) if w == "megaspec" and words[i + 1] in ("build", "train")), None)
     if at is None and words[:2] == ["megaspec", "eval"]:  # scores the windows the tiny runs trained on
         return shlex.join([*words, "trainer.seq_len=16"])
+    if words[:2] == ["megaspec", "generate"]:  # within the tiny models' 32 positions
+        return shlex.join([f"max_new_tokens={min(int(w.split('=')[1]), 16)}" if w.startswith("max_new_tokens=")
+                           else w for w in words])
     if at is None or any(w.startswith("+checkpoint=") for w in words):
         return command
     model = next((w.split("=", 1)[1] for w in words if w.startswith("model=")), "gpt2")
@@ -142,6 +148,7 @@ class Session:
     def __init__(self, work: Path) -> None:
         self.work = work
         (work / "specs").symlink_to(ROOT / "specs")
+        write_hf_gpt2(work / HF_DIR)  # the HF directory the README's generation commands name
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MPLBACKEND": "Agg"}
         self.log = open(work / "python-session.log", "w")  # noqa: SIM115 (open for the session's life)
         self.python = subprocess.Popen([sys.executable, "-c", self.DRIVER], cwd=work, env=self.env, text=True,
