@@ -56,11 +56,17 @@ def test_validate_an_unreadable_file() -> None:
         spec = Path(root) / "secret.yaml"
         spec.write_text("module: gpt_model\n")
         spec.chmod(0)
-        code = ("import os, sys, megaspec.cli, megaspec.validate, megaspec.inputs, megaspec.build\n"
+        readable = Path(root) / "readable.yaml"
+        readable.write_text("module: gpt_model\n")
+        # A first validation imports every module validate needs while the checkout is still readable
+        # (a fresh clone may be private to its owner); then the process gives up root's privileges.
+        code = ("import contextlib, io, os, sys, megaspec.cli\n"
+                "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+                "    megaspec.cli.main(['validate', sys.argv[2]])\n"
                 "if os.geteuid() == 0:\n    os.setgid(65534)\n    os.setuid(65534)\n"
                 "sys.exit(megaspec.cli.main(['validate', sys.argv[1]]))")
-        done = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True, timeout=300,
-                              cwd=root)
+        done = subprocess.run([sys.executable, "-c", code, str(spec), str(readable)], capture_output=True, text=True,
+                              timeout=300, cwd=root)
         assert done.returncode == 1
         assert done.stderr.strip() == f"{spec}: cannot read file: Permission denied"
 

@@ -131,6 +131,22 @@ def _mean_over(value: Tensor, mesh: DeviceMesh | None, dim: str) -> Tensor:
     return value / mesh[dim].size()
 
 
+def _run_schedule(state: ParallelState, input_ids: Tensor, labels: Tensor, forward_only: bool) -> Tensor:
+    """One pass of the pipeline schedule over this rank's batch; the mean micro-batch loss, on every stage."""
+    schedule = state.schedule
+    run = schedule.eval if forward_only else schedule.step
+    losses: list[Tensor] = []
+    if schedule._stage.is_first:
+        run(input_ids)
+    elif schedule._stage.is_last:
+        run(target=labels, losses=losses)
+    else:
+        run()
+    loss = torch.stack(losses).mean().detach().float() if losses else torch.zeros((), device=input_ids.device)
+    dist.all_reduce(loss, group=state.mesh["pp"].get_group())  # only the last stage's is non-zero
+    return loss
+
+
 def train_step(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None, **inputs: Tensor) -> Tensor:
     """Forward and backward on this rank's batch; returns the loss averaged over the whole global batch.
 
@@ -143,20 +159,11 @@ def train_step(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None
         loss.backward()
         loss = loss.detach().float()
     else:
-        stage = state.schedule._stage
-        losses: list[Tensor] = []
-        if stage.is_first:
-            state.schedule.step(input_ids)
-        elif stage.is_last:
-            state.schedule.step(target=labels, losses=losses)
-        else:
-            state.schedule.step()
-        loss = torch.stack(losses).mean().detach().float() if losses else torch.zeros((), device=input_ids.device)
+        loss = _run_schedule(state, input_ids, labels, forward_only=False)
         if state.tied_group is not None:
             grad = model.embedding.weight.grad
             if grad is not None:
                 dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=state.tied_group)
-        dist.all_reduce(loss, group=state.mesh["pp"].get_group())  # only the last stage's is non-zero
     return _mean_over(loss, state.mesh if state else None, "dp")
 
 
@@ -168,14 +175,4 @@ def eval_step(model: nn.Module, input_ids: Tensor) -> Tensor:
     """
     state = parallel_state(model)
     assert state is not None and state.schedule is not None, "eval_step is for pipelined models"
-    stage = state.schedule._stage
-    losses: list[Tensor] = []
-    if stage.is_first:
-        state.schedule.eval(input_ids)
-    elif stage.is_last:
-        state.schedule.eval(target=input_ids, losses=losses)
-    else:
-        state.schedule.eval()
-    loss = torch.stack(losses).mean().float() if losses else torch.zeros((), device=input_ids.device)
-    dist.all_reduce(loss, group=state.mesh["pp"].get_group())  # only the last stage's is non-zero
-    return _mean_over(loss, state.mesh, "dp")
+    return _mean_over(_run_schedule(state, input_ids, input_ids, forward_only=True), state.mesh, "dp")
