@@ -1,10 +1,13 @@
-"""tools/bench.py at toy sizes: every suite runs, compares like with like, and reports sane numbers.
+"""The benchmark tools at toy sizes: every suite runs, compares like with like, and reports sane numbers.
 
 No timing assertions: speed is for BENCHMARKS.md, on a quiet machine.
 """
 
 import importlib.util
 import math
+import re
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,3 +98,33 @@ def test_generate_bench_compares_like_with_like() -> None:
     assert all(math.isfinite(v) and v > 0 for v in rates.values())
     per_token = generate_bench.decode_bytes_per_token(case)
     assert per_token == 4 * bench.n_params(case.ours) + 2 * 1 * 2 * 8 * (8 + 6) * 4  # weights + [2 groups x d 8] K/V
+
+
+def test_moe_bench_runs_three_models_with_one_set_of_weights() -> None:
+    """tools/bench_moe.py at toy sizes: it runs, and the three models' language-model losses agree."""
+    done = subprocess.run([sys.executable, str(_PATH.with_name("bench_moe.py")), "--layers", "1", "--hidden", "32",
+                           "--heads", "2", "--kv-heads", "1", "--ffn", "16", "--experts", "4", "--vocab", "64",
+                           "--batch", "1", "--seq", "8", "--repeats", "1", "--warmup", "0", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith(("| megaspec", "| HF"))]
+    assert [r[1].strip() for r in rows] == ["megaspec grouped", "HF grouped_mm", "HF eager"]
+    losses = [float(r[-2]) for r in rows]
+    assert max(losses) - min(losses) < 1e-4, losses
+
+
+def test_fsdp_memory_splits_the_parameters_over_the_processes() -> None:
+    """tools/fsdp_memory.py under torchrun: two processes hold half the parameter bytes each."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(port), str(_PATH.with_name("fsdp_memory.py")),
+                           "model=gpt2", "model.config.num_layers=2", "model.config.hidden_size=32",
+                           "model.config.num_attention_heads=4", "model.config.vocab_size=64",
+                           "model.config.max_position_embeddings=32"],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr
+    total = int(re.search(r"one process: ([\d,]+) bytes", done.stdout).group(1).replace(",", ""))
+    each = [int(b.replace(",", "")) for b in re.findall(r"([\d,]+) \(\d+\.\d%\)", done.stdout)]
+    assert len(each) == 2 and sum(each) == total and max(each) - min(each) <= total // 10

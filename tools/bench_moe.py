@@ -61,7 +61,7 @@ def build_models(a: argparse.Namespace) -> dict[str, nn.Module]:
     ours = build_model(compose([
         "model=mixtral", f"{c}num_layers={a.layers}", f"{c}hidden_size={a.hidden}",
         f"{c}num_attention_heads={a.heads}", f"{c}num_query_groups={a.kv_heads}", f"{c}ffn_hidden_size={a.ffn}",
-        f"{c}moe_ffn_hidden_size={a.ffn}", f"{c}num_moe_experts={a.experts}", f"{c}moe_router_topk={a.topk}",
+        f"{c}num_moe_experts={a.experts}", f"{c}moe_router_topk={a.topk}",
         f"{c}vocab_size={a.vocab}", f"{c}max_position_embeddings={max(a.seq, 64)}",
         f"{c}moe_aux_loss_coeff={aux_coef * a.topk}",
     ]))  # fmt: skip
