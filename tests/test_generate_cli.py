@@ -109,6 +109,21 @@ def test_an_hf_directory_and_its_conversion_generate_the_same_text(hf_dir, tmp_p
     assert direct == "the cat" + tokenizer.decode(new) + "\n" and len(new) > 2
 
 
+def test_convert_never_replaces_a_tokenizer_file_of_the_users(hf_dir, tmp_path, capsys) -> None:
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("mine")
+    assert main(["convert", str(hf_dir), str(tmp_path / "ckpt")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: '{tmp_path / 'ckpt' / 'tokenizer.json'}' exists and differs from '{hf_dir / 'tokenizer.json'}'; "
+        "convert copies the HF directory's tokenizer files: move it away or write to another directory")
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["tokenizer.json"]  # nothing written
+    assert (tmp_path / "ckpt" / "tokenizer.json").read_text() == "mine"
+    # Converting again into the same checkpoint (its tokenizer files equal the source's) is fine.
+    (tmp_path / "ckpt" / "tokenizer.json").unlink()
+    assert main(["convert", str(hf_dir), str(tmp_path / "ckpt")]) == 0
+    assert main(["convert", str(hf_dir), str(tmp_path / "ckpt")]) == 0
+
+
 def test_streaming_holds_back_an_unfinished_character() -> None:
     text = "é!"  # two bytes, then one
     steps = [Step(torch.tensor([b]), torch.zeros(1, 256)) for b in text.encode()]

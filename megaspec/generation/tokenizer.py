@@ -58,8 +58,18 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     return found if isinstance(found, ByteTokenizer) else PromptTokenizer(found.tokenizer)
 
 
+def check_tokenizer_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Refuse, before anything is written, to replace a tokenizer file in `target` that differs from the source's."""
+    for name in TOKENIZER_FILES:
+        theirs, ours = Path(source) / name, Path(target) / name
+        if theirs.is_file() and ours.exists() and (not ours.is_file() or ours.read_bytes() != theirs.read_bytes()):
+            raise SpecError(f"'{ours}' exists and differs from '{theirs}'; convert copies the HF directory's "
+                            "tokenizer files: move it away or write to another directory")
+
+
 def copy_tokenizer_files(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> list[str]:
     """Copy an HF directory's tokenizer files (those of TOKENIZER_FILES it has) into a checkpoint; their names."""
+    check_tokenizer_copy(source, target)
     copied = []
     for name in TOKENIZER_FILES:
         file = Path(source) / name
