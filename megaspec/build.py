@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import megaspec.catalog  # noqa: F401  (the built-in modules, registered before anything is resolved)
-from megaspec.config import DTYPES, TransformerConfig, recording_reads
+from megaspec.config import DTYPES, FieldReads, TransformerConfig, recording_reads
 from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
 from megaspec.field_use import config_settings, refuse_kept_configs, refuse_unread
@@ -107,6 +107,29 @@ def materialize(model: nn.Module, device: str | torch.device = "cpu") -> nn.Modu
     return model
 
 
+def _construct_watched(spec: ModuleSpec, configs: Configs, allow_imports: tuple[str, ...] | list[str],
+                       ) -> tuple[nn.Module, Resolved, Built, FieldReads, list[tuple[TransformerConfig, dict]]]:
+    """The model on the meta device, with a record of which set config fields its modules read."""
+    settings = config_settings(configs)
+    built: Built = {}
+    with recording_reads() as reads:
+        for cfg, tokens in settings:
+            reads.watch(cfg, tokens)
+        root = resolve(spec, configs, allow_imports)
+        with torch.device("meta"):
+            model = _construct(root, built)
+    return model, root, built, reads, settings
+
+
+def fields_read(spec: ModuleSpec, config: TransformerConfig | Configs | Mapping[str, Any],
+                allow_imports: tuple[str, ...] | list[str] = ()) -> dict[str, set[str]]:
+    """{config name: its set fields that some module of the model reads}, from a meta build that refuses none."""
+    configs = make_configs(config)
+    _, _, _, reads, settings = _construct_watched(spec, configs, allow_imports)
+    return {name: {f for f, token in tokens.items() if token in reads.read}
+            for name, (_, tokens) in zip(configs, settings, strict=True)}
+
+
 def build_module(
     spec: ModuleSpec,
     config: TransformerConfig | Configs | Mapping[str, Any],
@@ -120,16 +143,9 @@ def build_module(
     ({"language": ..., "vision": ...}) for models whose parts differ in size.
     """
     configs = make_configs(config)
-    settings = config_settings(configs)
-    built: Built = {}
-    # Every config field that was set must be read by some module while the tree is built.
-    with recording_reads() as reads:
-        for cfg, tokens in settings:
-            reads.watch(cfg, tokens)
-        root = resolve(spec, configs, allow_imports)
-        with torch.device("meta"):
-            model = _construct(root, built)
+    model, root, built, reads, _ = _construct_watched(spec, configs, allow_imports)
     refuse_kept_configs(built, {m: path for path, m in model.named_modules()})
+    # Every config field that was set must be read by some module while the tree is built.
     refuse_unread(reads, root)
     modules = {path: built[m] for path, m in model.named_modules(remove_duplicate=False) if m in built}
     attach_record(model, BuildRecord(spec, configs, tuple(allow_imports), modules))

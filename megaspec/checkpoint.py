@@ -41,10 +41,13 @@ from torch import Tensor, nn
 from megaspec.configs import Configs, make_configs
 from megaspec.errors import Problem, SpecError
 from megaspec.init import check_buffers, init_method, poison_buffers
-from megaspec.manifest import FORMAT, MANIFEST, inside, owned_files, parse_entry, read_manifest, read_manifest_located
+from megaspec.field_use import REQUIRED
+from megaspec.manifest import (FORMAT, FORMAT_1, MANIFEST, inside, owned_files, parse_entry, read_manifest,
+                               read_manifest_located)
 from megaspec.memory import check_fits, check_weights_fit, parameter_bytes
 from megaspec.record import described
 from megaspec.resolve import Resolved, resolve
+from megaspec.source import SourceMap
 from megaspec.spec import ModuleSpec, parse_spec, walk
 
 # safetensors' dtype codes -> torch's names.
@@ -341,7 +344,28 @@ def checkpoint_inputs(path: str | os.PathLike[str], allow_imports: tuple[str, ..
     allow = tuple(allow_imports)
     spec = parse_spec(manifest["spec"], smap.child(("spec",)))
     _check_modules(manifest, spec, allow, smap.file or str(path))
-    return spec, make_configs(manifest["config"], smap, ("config",)), allow
+    configs = make_configs(manifest["config"], smap, ("config",))
+    if manifest["format"] == FORMAT_1:
+        configs = _read_fields_only(spec, configs, manifest["config"], smap, allow)
+    return spec, configs, allow
+
+
+def _read_fields_only(spec: ModuleSpec, configs: Configs, data: Mapping[str, Any], smap: SourceMap,
+                      allow: tuple[str, ...]) -> Configs:
+    """A format-1 config (every field recorded, read or not) as format 2 holds it: the fields the model reads.
+
+    The others had no effect when the checkpoint was written either (its modules did not read them),
+    so dropping them rebuilds the same model, which the field rule would otherwise refuse.
+    """
+    from megaspec.build import fields_read  # the builder imports this module's callers: import it when needed
+
+    read = fields_read(spec, configs, allow)
+    if list(configs) == [""]:
+        kept: dict[str, Any] = {k: v for k, v in data.items() if k in read[""] or k in REQUIRED}
+    else:
+        kept = {name: {k: v for k, v in fields.items() if k in read[name] or k in REQUIRED}
+                for name, fields in data.items()}
+    return make_configs(kept, smap, ("config",))
 
 
 def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -18,7 +18,9 @@ from typing import Any
 from megaspec.errors import Problem, SpecError
 from megaspec.source import SourceMap, load_mapping
 
-FORMAT = "megaspec-checkpoint/1"
+FORMAT = "megaspec-checkpoint/2"  # the config holds the fields the model was given (and read)
+# Format 1 recorded every config field, read or not; it is still read (megaspec.checkpoint migrates it).
+FORMAT_1 = "megaspec-checkpoint/1"
 MANIFEST = "megaspec.yaml"
 # A manifest's tensor entry: "float32 [101, 64]" (a scalar: "float32 []").
 _ENTRY = re.compile(r"^([a-z0-9]+) \[((?:0|[1-9][0-9]{0,11})(?:, (?:0|[1-9][0-9]{0,11}))*)?\]$")
@@ -108,10 +110,11 @@ def read_manifest_located(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
     inside(directory, MANIFEST, "the manifest")
     data, smap = load_mapping(file, "a checkpoint manifest")
     check = _Checker(smap)
-    if data.get("format") != FORMAT:
+    if data.get("format") not in (FORMAT, FORMAT_1):
         found = data.get("format")
         raise SpecError(smap.problem(("format",) if "format" in data else (), "format",
-                                     f"unknown checkpoint format {found!r}; this megaspec reads {FORMAT}"))
+                                     f"unknown checkpoint format {found!r}; this megaspec reads {FORMAT} "
+                                     f"and {FORMAT_1}"))
     for extra in [k for k in data if k not in _FIELDS]:
         check.fail((extra,), f"unknown manifest field '{extra}'")
     problem = plain_name_problem(data.get("weights"))

@@ -38,6 +38,28 @@ def outputs(model: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_format_1_checkpoint_recording_every_field_still_loads(tmp_path, name) -> None:
+    """Format 1 wrote every config field, read or not (Llama's normalization: RMSNorm, GPT-2's rotary_base): those
+    no module reads are dropped on load, as they did nothing then; format 2 keeps only what the model was given."""
+    model = tiny(name)
+    megaspec.save(model, tmp_path / "ckpt")
+    file = tmp_path / "ckpt" / MANIFEST
+    manifest = yaml.safe_load(file.read_text())
+    assert manifest["format"] == "megaspec-checkpoint/2" and "normalization" not in manifest["config"]
+    everything = megaspec.build_record(model).configs[""].model_dump(mode="json")
+    file.write_text(yaml.safe_dump({**manifest, "format": "megaspec-checkpoint/1", "config": everything},
+                                   sort_keys=False))
+    loaded = megaspec.load(tmp_path / "ckpt")
+    assert torch.equal(outputs(loaded), outputs(model))
+    kept = megaspec.build_record(loaded).configs[""].model_fields_set
+    assert "normalization" not in kept and "position_embedding_type" not in kept
+    assert ("rotary_base" in kept) == (name == "llama")  # read by Llama's RoPE, by nothing of GPT-2's
+    megaspec.save(loaded, tmp_path / "again")  # saved again: format 2, the read fields only
+    again = yaml.safe_load((tmp_path / "again" / MANIFEST).read_text())
+    assert again["format"] == "megaspec-checkpoint/2" and set(again["config"]) == kept
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_load_rebuilds_bit_identical_outputs(tmp_path, name) -> None:
     model = tiny(name)
     megaspec.save(model, tmp_path / "ckpt")

@@ -322,7 +322,11 @@ MANIFEST_CASES = {
     "unknown field": (lambda d: d.update(hooks="import os"), "{file}: not a valid megaspec checkpoint manifest\n"
                                                             "{file}:{hooks:}: hooks: unknown manifest field 'hooks'"),
     "format": (lambda d: d.update(format="pickle/1"),
-               "{file}:1: format: unknown checkpoint format 'pickle/1'; this megaspec reads megaspec-checkpoint/1"),
+               "{file}:1: format: unknown checkpoint format 'pickle/1'; this megaspec reads megaspec-checkpoint/2 and "
+               "megaspec-checkpoint/1"),
+    "unread field": (lambda d: d["config"].update(rotary_base=500000.0),
+                     "{file}:{rotary_base:}: config.rotary_base: set, but no module of this model reads it: this model "
+                     "has no rotary position embedding (rotary_embedding); remove it"),
     "config type": (lambda d: d["config"].update(num_layers=True),
                     "{file}:{num_layers:}: config.num_layers: expected int, got True"),
     "config size": (lambda d: d["config"].update(num_layers=10**9),
@@ -338,7 +342,7 @@ def test_manifest_problems_name_the_file_line_and_field(tmp_path, case) -> None:
     megaspec.save(tiny(), ckpt)
     file = edit_manifest(ckpt, change)
     lines = {m: line_of(file, m.strip("{}")) for m in ("{tensors:}", "{embedding.weight:}", "{hooks:}",
-                                                        "{num_layers:}", "{config:}", "{tied:}")
+                                                        "{num_layers:}", "{config:}", "{tied:}", "{rotary_base:}")
              if m.strip("{}") in file.read_text()}
     for marker, line in lines.items():
         expected = expected.replace(marker, str(line))
