@@ -3,11 +3,13 @@
     mesh = build_mesh(ParallelConfig(tensor_model_parallel_size=2))  # under torchrun
     model = parallelize(megaspec.build_model(cfg, device="meta"), cfg)
     loss = train_step(model, local_batch(model, tokens))  # forward + backward, any layout
+    val = eval_step(model, local_batch(model, tokens))    # forward only, for a pipelined model
 """
 
 from megaspec.parallel.config import ParallelConfig, check_parallel, parallel_config, validate_parallel
 from megaspec.parallel.mesh import build_mesh
-from megaspec.parallel.parallelize import ParallelState, local_batch, parallel_state, parallelize, train_step
+from megaspec.parallel.parallelize import (ParallelState, eval_step, local_batch, parallel_state, parallelize,
+                                           train_step)
 from megaspec.parallel.plans import register_tp_plan, tp_plan_of
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "ParallelState",
     "build_mesh",
     "check_parallel",
+    "eval_step",
     "local_batch",
     "parallel_config",
     "parallel_state",

@@ -325,7 +325,7 @@ def _train(cfg: DictConfig, opts: dict[str, Any], data_opts: dict[str, Any], env
     # A pipeline evaluates as it trains: the whole local batch goes to the schedule, which splits it.
     eval_micro_bs, eval_loss = micro_bs, None
     if pp_group is not None:
-        from megaspec.parallel.parallelize import eval_step
+        from megaspec.parallel import eval_step
 
         eval_micro_bs, eval_loss = global_bs // dp_size, lambda tokens: eval_step(model, tokens)
     with_grads = [p for p in model.parameters() if p.requires_grad]
