@@ -357,7 +357,7 @@ def _read_fields_only(spec: ModuleSpec, configs: Configs, data: Mapping[str, Any
     The others had no effect when the checkpoint was written either (its modules did not read them),
     so dropping them rebuilds the same model, which the field rule would otherwise refuse.
     """
-    from megaspec.build import fields_read  # the builder imports this module's callers: import it when needed
+    from megaspec.build import fields_read  # imported here, as in load(): the builder loads every built-in module
 
     read = fields_read(spec, configs, allow)
     if list(configs) == [""]:

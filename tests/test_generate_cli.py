@@ -124,6 +124,24 @@ def test_convert_never_replaces_a_tokenizer_file_of_the_users(hf_dir, tmp_path, 
     assert main(["convert", str(hf_dir), str(tmp_path / "ckpt")]) == 0
 
 
+def test_a_tokenizer_linked_out_of_its_directory_is_refused(hf_dir, tmp_path, capsys) -> None:
+    """A stranger's checkpoint cannot make generate (or convert) read a file outside it through its tokenizer.json."""
+    assert main(["convert", str(hf_dir), str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    secret = tmp_path / "secret.json"
+    secret.write_text((hf_dir / "tokenizer.json").read_text())
+    for directory in (tmp_path / "ckpt", hf_dir):
+        (directory / "tokenizer.json").unlink()
+        (directory / "tokenizer.json").symlink_to(secret)
+    assert main(["generate", f"+checkpoint={tmp_path / 'ckpt'}", "prompt=the", "max_new_tokens=4"]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'ckpt'}: the tokenizer 'tokenizer.json' is a link "
+                                               "to a file outside the checkpoint directory")
+    assert main(["convert", str(hf_dir), str(tmp_path / "again")]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {hf_dir}: a tokenizer file 'tokenizer.json' is a link to a "
+                                               "file outside the checkpoint directory")
+    assert not (tmp_path / "again").exists()  # refused before the conversion wrote anything
+
+
 def test_streaming_holds_back_an_unfinished_character() -> None:
     text = "é!"  # two bytes, then one
     steps = [Step(torch.tensor([b]), torch.zeros(1, 256)) for b in text.encode()]

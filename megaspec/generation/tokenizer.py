@@ -15,6 +15,9 @@ from typing import Any, Protocol
 
 from megaspec.checkpoint import atomic_write
 from megaspec.errors import SpecError
+from megaspec.manifest import inside
+from megaspec.source import read_limited
+from megaspec.train.tokenizer import MAX_TOKENIZER_BYTES
 
 TOKENIZER_JSON = "tokenizer.json"
 # What `megaspec convert` copies from an HF directory into the checkpoint, when present.
@@ -54,15 +57,25 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     if not file.is_file():
         raise SpecError(f"no tokenizer in {directory}: it has no {TOKENIZER_JSON} (megaspec train writes the one "
                         "it trained with, megaspec convert copies an HF directory's)")
-    found = read(file)
+    found = read(directory)  # the directory, so that its tokenizer.json must lie inside it
     return found if isinstance(found, ByteTokenizer) else PromptTokenizer(found.tokenizer)
 
 
+def _source_bytes(source: str | os.PathLike[str], name: str) -> bytes:
+    """An HF directory's tokenizer file: a bounded regular file inside it (the directory may be a stranger's)."""
+    return read_limited(inside(Path(source), name, "a tokenizer file"), str(Path(source) / name), MAX_TOKENIZER_BYTES)
+
+
 def check_tokenizer_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Refuse, before anything is written, to replace a tokenizer file in `target` that differs from the source's."""
+    """Before anything is written: every tokenizer file of the source is readable (a bounded file inside it), and
+    none would replace a file in `target` that differs from it."""
     for name in TOKENIZER_FILES:
         theirs, ours = Path(source) / name, Path(target) / name
-        if theirs.is_file() and ours.exists() and (not ours.is_file() or ours.read_bytes() != theirs.read_bytes()):
+        if not theirs.is_file():
+            continue
+        data = _source_bytes(source, name)
+        if (ours.exists() or ours.is_symlink()) and (
+                not ours.is_file() or read_limited(ours, str(ours), MAX_TOKENIZER_BYTES) != data):
             raise SpecError(f"'{ours}' exists and differs from '{theirs}'; convert copies the HF directory's "
                             "tokenizer files: move it away or write to another directory")
 
@@ -74,7 +87,7 @@ def copy_tokenizer_files(source: str | os.PathLike[str], target: str | os.PathLi
     for name in TOKENIZER_FILES:
         file = Path(source) / name
         if file.is_file():
-            data = file.read_bytes()
+            data = _source_bytes(source, name)
             tmp = Path(target) / f".{name}.{secrets.token_hex(4)}.tmp"  # a fresh name: no file there is reused
             atomic_write(Path(target) / name, lambda t, data=data: t.write_bytes(data), tmp)
             copied.append(name)

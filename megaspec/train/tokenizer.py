@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from megaspec.errors import SpecError
+from megaspec.manifest import inside
+from megaspec.source import decode_utf8, read_limited
 
 TOKENIZER_FILE = "tokenizer.json"
+# The largest tokenizer.json read: published ones are at most a few tens of MB (Gemma's: 34 MB).
+MAX_TOKENIZER_BYTES = 256 * 2**20
 # Documents of a JSON-lines file are separated by the first of these the tokenizer has.
 END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
@@ -157,19 +161,22 @@ def from_json(text: str, name: str) -> ByteTokenizer | HFTokenizer:
 
 
 def tokenizer_file(path: str | Path) -> Path:
-    """`path` itself if it is a file, else the tokenizer.json inside it (a run or checkpoint directory)."""
+    """`path` itself if it is a file, else the tokenizer.json inside it (a run or checkpoint directory).
+
+    A directory may come from someone else: its tokenizer.json must be a file in it, not a link out of it.
+    """
     p = Path(path)
     file = p / TOKENIZER_FILE if p.is_dir() else p
     if not file.is_file():
         where = f"{p} has no {TOKENIZER_FILE}" if p.is_dir() else f"no such file: {p}"
         raise SpecError(f"tokenizer: {where}")
-    return file
+    return inside(p, TOKENIZER_FILE, "the tokenizer") if p.is_dir() else file
 
 
 def load_tokenizer(path: str | Path) -> ByteTokenizer | HFTokenizer:
     """The tokenizer a run or exported checkpoint was trained with (its directory), or a tokenizer.json."""
     file = tokenizer_file(path)
-    return from_json(file.read_text(encoding="utf-8"), str(file))
+    return from_json(decode_utf8(read_limited(file, str(file), MAX_TOKENIZER_BYTES), str(file)), str(file))
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
