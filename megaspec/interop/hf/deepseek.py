@@ -20,14 +20,14 @@ from megaspec.interop.hf.core import (
     activation,
     concat,
     halves,
-    hf_activation,
     rule,
     set_activations,
     shipped_spec,
     token_ids,
     unsupported,
 )
-from megaspec.interop.hf.rope import hf_rope, rope_fields
+from megaspec.interop.hf.llama import llama_config_kwargs
+from megaspec.interop.hf.rope import rope_fields
 
 
 class DeepseekV3(Family):
@@ -129,14 +129,7 @@ class DeepseekV3(Family):
             "num_experts_per_tok": cfg.moe_router_topk,
             "first_k_dense_replace": cfg.moe_first_k_dense,
             "routed_scaling_factor": cfg.moe_router_topk_scaling_factor or 1.0,
-            "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.max_position_embeddings,
-            "rms_norm_eps": cfg.layernorm_epsilon,
-            "hidden_act": hf_activation(cfg.activation),
-            "rope_parameters": hf_rope(cfg),
-            "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
-            "attention_dropout": cfg.attention_dropout,
-            "initializer_range": cfg.init_method_std,
+            **llama_config_kwargs(cfg, cfg.activation),
             **token_ids(cfg.vocab_size, bos_token_id=0, eos_token_id=1),
         }
 

@@ -32,11 +32,25 @@ from megaspec.interop.hf.core import (
 from megaspec.interop.hf.moe import aux_loss_coeff, hf_aux_loss
 from megaspec.interop.hf.rope import hf_rope, partial_rope_fields, rope_fields, rope_parameters
 
-__all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "partial_rope_fields", "qk_norm",
-           "rope_fields", "rope_parameters"]
+__all__ = ["Llama", "Mistral", "Mixtral", "decoder_rules", "hf_rope", "llama_config_kwargs", "partial_rope_fields",
+           "qk_norm", "rope_fields", "rope_parameters"]
 
 # HF per-layer norm names -> transformer_layer slots, for Llama's pre-norm layout.
 LLAMA_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "pre_mlp_layernorm"}
+
+
+def llama_config_kwargs(cfg: TransformerConfig, hidden_act: str) -> dict[str, Any]:
+    """The HF config fields that Llama and the configs modelled on it (DeepSeek's) name alike."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.layernorm_epsilon,
+        "hidden_act": hf_activation(hidden_act),
+        "rope_parameters": hf_rope(cfg),
+        "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
+        "attention_dropout": cfg.attention_dropout,
+        "initializer_range": cfg.init_method_std,
+    }
 
 
 class Llama(Family):
@@ -105,14 +119,7 @@ class Llama(Family):
             "num_key_value_heads": cfg.query_groups,
             "head_dim": cfg.head_dim,
             "intermediate_size": cfg.ffn_size,
-            "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.max_position_embeddings,
-            "rms_norm_eps": cfg.layernorm_epsilon,
-            "hidden_act": hf_activation(self.hidden_act(spec, cfg)),
-            "rope_parameters": hf_rope(cfg),
-            "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
-            "attention_dropout": cfg.attention_dropout,
-            "initializer_range": cfg.init_method_std,
+            **llama_config_kwargs(cfg, self.hidden_act(spec, cfg)),
             **token_ids(cfg.vocab_size, bos_token_id=1, eos_token_id=2),
         }
 
