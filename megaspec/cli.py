@@ -326,11 +326,12 @@ def _convert(argv: list[str]) -> int:
             raise SpecError(f"'{out}' exists and is not an empty directory; convert --to hf writes a new one")
         to_hf(load(args.source, allow_imports=args.allow_imports), args.output, hf_class=args.hf_class)
     else:
-        from megaspec.generation.tokenizer import check_tokenizer_copy, copy_tokenizer_files
+        from megaspec.generation.tokenizer import read_tokenizer_files, write_tokenizer_files
 
-        check_tokenizer_copy(args.source, args.output)  # a user's own tokenizer file there is never replaced
+        # Read (and checked) first: a user's own tokenizer file there is never replaced.
+        tokenizer_files = read_tokenizer_files(args.source, args.output)
         save(from_hf(args.source), args.output)
-        copy_tokenizer_files(args.source, args.output)  # so generation reads text as the HF model does
+        write_tokenizer_files(tokenizer_files, args.output)  # so generation reads text as the HF model does
     print(f"wrote {args.output}")
     return 0
 

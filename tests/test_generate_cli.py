@@ -142,6 +142,22 @@ def test_a_tokenizer_linked_out_of_its_directory_is_refused(hf_dir, tmp_path, ca
     assert not (tmp_path / "again").exists()  # refused before the conversion wrote anything
 
 
+def test_an_oversized_tokenizer_is_refused_before_it_is_read(hf_dir, tmp_path, capsys, monkeypatch) -> None:
+    """A tokenizer.json past the bound (lowered here to this one's size less a byte) is neither read nor copied."""
+    import megaspec.generation.tokenizer as generation_tokenizer
+    import megaspec.train.tokenizer as train_tokenizer
+
+    limit = (hf_dir / "tokenizer.json").stat().st_size - 1
+    monkeypatch.setattr(train_tokenizer, "MAX_TOKENIZER_BYTES", limit)
+    monkeypatch.setattr(generation_tokenizer, "MAX_TOKENIZER_BYTES", limit)
+    message = f"error: {hf_dir / 'tokenizer.json'}: file is larger than {limit:,} bytes; refusing to read it"
+    assert main(["generate", f"+checkpoint={hf_dir}", "prompt=the", "max_new_tokens=4"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    assert main(["convert", str(hf_dir), str(tmp_path / "ckpt")]) == 1
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_streaming_holds_back_an_unfinished_character() -> None:
     text = "é!"  # two bytes, then one
     steps = [Step(torch.tensor([b]), torch.zeros(1, 256)) for b in text.encode()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,34 +62,28 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     return found if isinstance(found, ByteTokenizer) else PromptTokenizer(found.tokenizer)
 
 
-def _source_bytes(source: str | os.PathLike[str], name: str) -> bytes:
-    """An HF directory's tokenizer file: a bounded regular file inside it (the directory may be a stranger's)."""
-    return read_limited(inside(Path(source), name, "a tokenizer file"), str(Path(source) / name), MAX_TOKENIZER_BYTES)
+def read_tokenizer_files(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> dict[str, bytes]:
+    """An HF directory's tokenizer files (those of TOKENIZER_FILES it has), read before anything is written.
 
-
-def check_tokenizer_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Before anything is written: every tokenizer file of the source is readable (a bounded file inside it), and
-    none would replace a file in `target` that differs from it."""
+    Each is a bounded regular file inside `source` (the directory may be a stranger's), and none may
+    replace a file in `target` that differs from it.
+    """
+    files = {}
     for name in TOKENIZER_FILES:
         theirs, ours = Path(source) / name, Path(target) / name
         if not theirs.is_file():
             continue
-        data = _source_bytes(source, name)
+        data = read_limited(inside(Path(source), name, "a tokenizer file"), str(theirs), MAX_TOKENIZER_BYTES)
         if (ours.exists() or ours.is_symlink()) and (
                 not ours.is_file() or read_limited(ours, str(ours), MAX_TOKENIZER_BYTES) != data):
             raise SpecError(f"'{ours}' exists and differs from '{theirs}'; convert copies the HF directory's "
                             "tokenizer files: move it away or write to another directory")
+        files[name] = data
+    return files
 
 
-def copy_tokenizer_files(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> list[str]:
-    """Copy an HF directory's tokenizer files (those of TOKENIZER_FILES it has) into a checkpoint; their names."""
-    check_tokenizer_copy(source, target)
-    copied = []
-    for name in TOKENIZER_FILES:
-        file = Path(source) / name
-        if file.is_file():
-            data = _source_bytes(source, name)
-            tmp = Path(target) / f".{name}.{secrets.token_hex(4)}.tmp"  # a fresh name: no file there is reused
-            atomic_write(Path(target) / name, lambda t, data=data: t.write_bytes(data), tmp)
-            copied.append(name)
-    return copied
+def write_tokenizer_files(files: Mapping[str, bytes], target: str | os.PathLike[str]) -> None:
+    """Write what `read_tokenizer_files` read into the checkpoint at `target`, each file atomically."""
+    for name, data in files.items():
+        tmp = Path(target) / f".{name}.{secrets.token_hex(4)}.tmp"  # a fresh name: no file there is reused
+        atomic_write(Path(target) / name, lambda t, data=data: t.write_bytes(data), tmp)
